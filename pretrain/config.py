@@ -163,7 +163,14 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise UserError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
         for key, value in _flatten(data, str(path)).items():
             _apply(cfg, key, value, str(path))
-    for item in overrides or []:
+    apply_overrides(cfg, overrides or [])
+    _validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` items (values parsed as YAML scalars), validating each."""
+    for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r}: expected key=value, e.g. train.epochs=5")
         key, raw = item.split("=", 1)

@@ -1,0 +1,46 @@
+"""kNN monitor (SPEC §2): cosine similarity, k nearest, temperature-weighted votes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader: DataLoader,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised pooled features and labels of every image in ``loader`` (eval mode)."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for images, targets in loader:
+        feats.append(F.normalize(backbone(images.to(device)).float(), dim=1).cpu())
+        labels.append(targets)
+    backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor,
+                query_features: torch.Tensor, num_classes: int, k: int = 20,
+                temperature: float = 0.07) -> torch.Tensor:
+    """Class scores of each query: Σ over its k nearest of exp(cos / T), per neighbour's class.
+
+    Features must be L2-normalised. Returns (num_queries, num_classes).
+    """
+    k = min(k, train_features.shape[0])
+    sim = query_features @ train_features.T
+    top_sim, top_idx = sim.topk(k, dim=1)
+    weights = (top_sim / temperature).exp()
+    scores = torch.zeros(query_features.shape[0], num_classes)
+    scores.scatter_add_(1, train_labels[top_idx], weights)
+    return scores
+
+
+def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
+                 query_features: torch.Tensor, query_labels: torch.Tensor, num_classes: int,
+                 k: int = 20, temperature: float = 0.07) -> float:
+    """Top-1 accuracy in percent."""
+    scores = knn_predict(train_features, train_labels, query_features, num_classes, k, temperature)
+    return 100.0 * (scores.argmax(1) == query_labels).float().mean().item()

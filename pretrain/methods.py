@@ -1,0 +1,158 @@
+"""The student–teacher methods, chosen by name from one registry (SPEC §1.1–1.5).
+
+Every method shares the student (backbone → projector → predictor), the symmetric summed BYOL
+loss and the cosine EMA of the teacher's weights. They differ only in what the teacher is and
+how its BatchNorm gets statistics; each class overrides just that.
+"""
+
+from __future__ import annotations
+
+import torch
+from fvcore.common.registry import Registry
+from torch import nn
+
+from .config import Config
+from .ema import update_ema
+from .loss import cosine_gap, regression_loss, symmetric_byol_loss
+from .model import Encoder, Student
+from .momentum_bn import commit_momentum_bn, convert_to_momentum_bn, momentum_bn_modules
+from .schedules import cosine_momentum
+
+METHODS = Registry("METHOD")
+METHODS.__doc__ = "Self-supervised student–teacher methods, by name (m2t, byol, ...)."
+
+
+def register(name: str):
+    """Register a method class under ``name`` (the value of ``model.method``)."""
+
+    def deco(cls: type) -> type:
+        METHODS._do_register(name, cls)
+        cls.method_name = name
+        return cls
+
+    return deco
+
+
+class StudentTeacher(nn.Module):
+    """Base method: BYOL-style student and EMA teacher.
+
+    Subclasses say how the teacher is built (``_make_teacher``), how it embeds a view
+    (``teacher_embed``) and what happens to it after the optimiser step (``update_teacher``).
+    """
+
+    default_momentum = 0.996
+    has_teacher_backbone = True
+
+    def __init__(self, cfg: Config, total_steps: int) -> None:
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.base_momentum = m.base_momentum if m.base_momentum is not None else self.default_momentum
+        self.residual_weight = m.residual_weight
+        self.student = Student(m.arch, m.proj_hidden_dim, m.proj_dim)
+        self.teacher = self._make_teacher()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self._pairs = self._ema_pairs()
+
+    # ----- what varies between methods -----------------------------------------------------
+    def _make_teacher(self) -> nn.Module:
+        teacher = Encoder(self.cfg.model.arch, self.cfg.model.proj_hidden_dim, self.cfg.model.proj_dim)
+        teacher.load_state_dict(self.student.state_dict(), strict=False)  # step 0: T = S
+        return teacher
+
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return list(self.teacher.parameters()), self.student.encoder_parameters()
+
+    def teacher_embed(self, x: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x)
+
+    def after_teacher_forwards(self) -> None:
+        """Called once per step after the teacher has embedded both views."""
+
+    def update_teacher(self, step: int) -> float:
+        """EMA the teacher towards the student after optimiser step ``step``; returns m."""
+        m = cosine_momentum(step, self.total_steps, self.base_momentum)
+        update_ema(*self._pairs, momentum=m)
+        return m
+
+    # ----- shared --------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> StudentTeacher:
+        super().train(mode)
+        return self
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor,
+                student: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Loss and metrics for one step. ``student`` may be the DDP-wrapped student."""
+        out = (student or self.student)(x1, x2)
+        with torch.no_grad():
+            k1 = self.teacher_embed(x1, out["f1"].detach())
+            k2 = self.teacher_embed(x2, out["f2"].detach())
+            self.after_teacher_forwards()
+        loss = symmetric_byol_loss(out["q1"], out["q2"], k1, k2)
+        metrics = {"byol_loss": loss.detach()}
+        if self.residual_weight:
+            residual = 0.5 * (regression_loss(out["z1"], k1) + regression_loss(out["z2"], k2)).mean()
+            loss = loss + self.residual_weight * residual
+            metrics["residual_loss"] = residual.detach()
+        metrics["gap"] = 0.5 * (cosine_gap(out["z1"].detach(), k1) + cosine_gap(out["z2"].detach(), k2))
+        return {**metrics, "loss": loss}
+
+    def export_backbone(self, branch: str) -> nn.Module:
+        if branch == "teacher" and self.has_teacher_backbone:
+            return self.teacher.backbone
+        return self.student.backbone
+
+
+@register("byol")
+class BYOL(StudentTeacher):
+    """BYOL: the teacher's BN uses each batch's statistics (ordinary train-mode BN)."""
+
+    default_momentum = 0.996
+
+    def __init__(self, cfg: Config, total_steps: int) -> None:
+        super().__init__(cfg, total_steps)
+        if cfg.model.sync_bn:
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+            self._pairs = self._ema_pairs()
+
+
+@register("m2t")
+class M2T(StudentTeacher):
+    """Momentum² Teacher: every teacher BN is a momentum BN with lazy two-view updates."""
+
+    default_momentum = 0.99
+
+    def _make_teacher(self) -> nn.Module:
+        teacher = super()._make_teacher()
+        return convert_to_momentum_bn(teacher, self.total_steps,
+                                      self.cfg.model.double_variance_correction)
+
+    def after_teacher_forwards(self) -> None:
+        if self.teacher.training:
+            commit_momentum_bn(self.teacher)
+
+    def momentum_bn_alpha(self) -> float:
+        mods = momentum_bn_modules(self.teacher)
+        return mods[0].alpha if mods else float("nan")
+
+
+def method_names() -> list[str]:
+    return sorted(name for name, _ in METHODS)
+
+
+def build_method(cfg: Config, total_steps: int) -> StudentTeacher:
+    from .errors import UserError
+
+    key = cfg.model.method
+    if key not in method_names():
+        raise UserError(f"unknown method {key!r}; choose one of {', '.join(method_names())}")
+    if cfg.model.sync_bn and key != "byol":
+        raise UserError("model.sync_bn is a BYOL-baseline option; Momentum² Teacher and the other "
+                        "methods use per-process statistics by design")
+    return METHODS.get(key)(cfg, total_steps)
+
+
+__all__ = ["METHODS", "StudentTeacher", "BYOL", "M2T", "build_method", "method_names", "register"]

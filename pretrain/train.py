@@ -1,0 +1,376 @@
+"""The pretraining loop: one process per device, DDP on the student only (SPEC §1.6)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .augment import TwoViews, eval_transform
+from .checkpoint import FORMAT, VERSION, load_checkpoint, save_atomic
+from .config import Config, apply_overrides, config_from_dict
+from .data import TwoViewDataset, build_loader, image_folder, steps_per_epoch, total_steps_for
+from .errors import UserError
+from .knn import extract_features, knn_accuracy
+from .lars import LARS, split_bn_and_bias
+from .methods import StudentTeacher, build_method
+from .momentum_bn import momentum_bn_modules
+from .schedules import scaled_lr, warmup_cosine_lr
+
+
+class TrainingError(UserError):
+    """The run cannot go on (non-finite loss, too many bad images); the last checkpoint stays."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Dist:
+    """Join the process group that torchrun describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, d: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA device is available")
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def build_optimizer(cfg: Config, student: nn.Module, lr: float) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "lars":
+        adapt, exclude = split_bn_and_bias(student)
+        groups = [{"params": adapt}, {"params": exclude, "lars_exclude": True}]
+        return LARS(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                    trust_coefficient=o.lars_trust_coefficient)
+    return torch.optim.SGD(student.parameters(), lr=lr, momentum=o.momentum,
+                           weight_decay=o.weight_decay)
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard events + progress lines, written by rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            self.metrics = open(out / "metrics.jsonl", "a", buffering=1)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.metrics.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Trainer:
+    """Everything a pretraining run holds; ``run()`` trains until K steps or ``stop_after``."""
+
+    def __init__(self, cfg: Config, data: str | Path, out: str | Path, val: Optional[str] = None,
+                 resume: bool = False, stop_after: int = 0) -> None:
+        self.out = Path(out)
+        self.data, self.val = data, val
+        self.stop_after = stop_after
+        ckpt = None
+        last = self.out / "last.pth"
+        if resume:
+            if not last.exists():
+                raise UserError(f"{last}: nothing to resume (no last.pth in the run directory)")
+            ckpt = load_checkpoint(last)
+            saved = config_from_dict(ckpt["config"], str(last))
+            if saved.model != cfg.model:
+                raise UserError(f"{last}: the model settings differ from the checkpoint's; "
+                                f"resume with the saved config (see {self.out / 'config.yaml'})")
+        elif last.exists():
+            raise UserError(f"{self.out}: run directory already holds last.pth; pass --resume to "
+                            f"continue it or choose another --out")
+        self.cfg = cfg
+        self.dist = init_distributed("cuda" if cfg.train.device == "cuda" or (
+            cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = resolve_device(cfg.train.device, self.dist)
+
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        self.dataset = TwoViewDataset(data, TwoViews(cfg.data.image_size, cfg.data.min_scale),
+                                      seed=cfg.train.seed)
+        self.per_epoch = steps_per_epoch(len(self.dataset), cfg.data.batch_size,
+                                         self.dist.world_size)
+        if self.per_epoch < 1:
+            raise UserError(f"{data}: {len(self.dataset)} images are fewer than one batch of "
+                            f"{cfg.data.batch_size} per process × {self.dist.world_size} processes")
+        self.total_steps, self.epochs = total_steps_for(cfg.train.epochs, cfg.train.steps,
+                                                        self.per_epoch)
+        self.total_batch = cfg.data.batch_size * self.dist.world_size
+        self.base_lr = scaled_lr(cfg.optim.base_lr, self.total_batch)
+        self.warmup_steps = min(int(round(cfg.optim.warmup_epochs * self.per_epoch)),
+                                self.total_steps)
+
+        self.model: StudentTeacher = build_method(cfg, self.total_steps).to(self.device)
+        if cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(cfg, self.model.student, self.base_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        self.step = 0
+        if ckpt is not None:
+            self._restore(ckpt, last)
+        self.student: nn.Module = self.model.student
+        if self.dist.world_size > 1:
+            self.student = DistributedDataParallel(
+                self.model.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.train.compile:
+            self.student = torch.compile(self.student)
+        self.bad_images = 0
+        self.seen_images = 0
+
+    # ----- checkpoints ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION,
+            "method": self.cfg.model.method, "arch": self.cfg.model.arch,
+            "export_branch": self.cfg.train.export_branch,
+            "config": self.cfg.to_dict(),
+            "student": self.model.student.state_dict(),
+            "teacher": self.model.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step, "epoch": self.step // self.per_epoch,
+            "total_steps": self.total_steps, "world_size": self.dist.world_size,
+            "sampler": {"epoch": self.step // self.per_epoch,
+                        "start_batch": self.step % self.per_epoch, "seed": self.cfg.train.seed},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+
+    def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
+        if ckpt.get("total_steps") != self.total_steps:
+            raise UserError(f"{path}: checkpoint was made for {ckpt.get('total_steps')} total "
+                            f"steps, this run has {self.total_steps}; the schedules would not "
+                            f"match (check data, batch size, epochs and world size)")
+        try:
+            self.model.student.load_state_dict(ckpt["student"])
+            self.model.teacher.load_state_dict(ckpt["teacher"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise UserError(f"{path}: checkpoint does not fit this model: {first}") from None
+        self.step = int(ckpt["step"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(_as_random_state(ckpt["rng"]["python"]))
+
+    def save(self, epoch: Optional[int] = None) -> None:
+        """Refresh last.pth; also keep ``epoch_NNNN.pth`` when ``epoch`` is given."""
+        if not self.dist.main:
+            return
+        state = self.state()
+        save_atomic(state, self.out / "last.pth")
+        if epoch is not None:
+            save_atomic(state, self.out / f"epoch_{epoch:04d}.pth")
+
+    # ----- monitoring -------------------------------------------------------------------
+    def knn(self) -> dict[str, float]:
+        if self.val is None:
+            return {}
+        t = eval_transform(self.cfg.data.image_size)
+        train_set, val_set = image_folder(self.data, t), image_folder(self.val, t)
+        if train_set.classes != val_set.classes:
+            raise UserError(f"{self.val}: class folders differ from {self.data}")
+
+        def loader(ds):
+            return torch.utils.data.DataLoader(ds, batch_size=256, num_workers=self.cfg.data.workers)
+
+        result = {}
+        for branch in ("teacher", "student"):
+            backbone = self.model.export_backbone(branch)
+            tf, tl = extract_features(backbone, loader(train_set), self.device)
+            vf, vl = extract_features(backbone, loader(val_set), self.device)
+            result[f"knn_top1_{branch}"] = knn_accuracy(
+                tf, tl, vf, vl, len(train_set.classes), self.cfg.train.knn_k,
+                self.cfg.train.knn_temperature)
+        return result
+
+    # ----- the loop ---------------------------------------------------------------------
+    def _autocast(self):
+        amp = self.cfg.train.amp
+        if amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, torch.Tensor]:
+        lr = warmup_cosine_lr(self.step, self.total_steps, self.base_lr, self.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        memory = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+        v1 = v1.to(self.device, non_blocking=True, memory_format=memory)
+        v2 = v2.to(self.device, non_blocking=True, memory_format=memory)
+        with self._autocast():
+            out = self.model(v1, v2, student=self.student)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss is {loss.item()} at step {self.step}; stopping. The last "
+                                f"checkpoint in {self.out} is from before this step")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        m = self.model.update_teacher(self.step)
+        self.step += 1
+        return {**out, "lr": lr, "m": m}
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(cfg.dump())
+        log = RunLog(self.out, self.dist.main)
+        log.print(f"momentum2 pretrain: {cfg.model.method} {cfg.model.arch}, "
+                  f"{len(self.dataset)} images, {self.per_epoch} steps/epoch, "
+                  f"{self.total_steps} steps, batch {cfg.data.batch_size}×{self.dist.world_size}, "
+                  f"lr {self.base_lr:.4g}, device {self.device}"
+                  + (f", resuming at step {self.step}" if self.step else ""))
+        self.model.train()
+        start_step, t0 = self.step, time.perf_counter()
+        window_t, window_images = t0, 0
+        stop_at = min(self.total_steps, self.step + self.stop_after) if self.stop_after else self.total_steps
+        try:
+            while self.step < stop_at:
+                epoch = self.step // self.per_epoch
+                loader = build_loader(self.dataset, cfg.data.batch_size, cfg.data.workers,
+                                      self.dist.rank, self.dist.world_size, epoch,
+                                      self.step % self.per_epoch, cfg.train.seed,
+                                      pin_memory=self.device.type == "cuda")
+                for v1, v2, bad in loader:
+                    self._count_bad(bad, len(v1) + bad, log)
+                    if len(v1) < 2:
+                        if self.dist.world_size > 1:
+                            raise TrainingError(f"a batch at step {self.step} had fewer than 2 "
+                                                f"readable images")
+                        log.print(f"warning: skipping step {self.step}: fewer than 2 readable images")
+                        self.step += 1
+                        continue
+                    out = self.train_step(v1, v2)
+                    window_images += len(v1) * self.dist.world_size
+                    if self.step % cfg.train.log_every == 0 or self.step == stop_at:
+                        window_t, window_images = self._log(out, log, window_t, window_images,
+                                                            start_step, t0)
+                    if cfg.train.save_every_steps and self.step % cfg.train.save_every_steps == 0:
+                        self.save()
+                    if self.step >= stop_at or self.step % self.per_epoch == 0:
+                        break
+                if self.step % self.per_epoch == 0 or self.step >= self.total_steps:
+                    done_epoch = math.ceil(self.step / self.per_epoch)
+                    final = self.step >= self.total_steps
+                    keep = final or done_epoch % cfg.train.save_every_epochs == 0
+                    self.save(epoch=done_epoch if keep else None)
+                    if self.val and (final or done_epoch % cfg.train.knn_every_epochs == 0):
+                        res = self.knn()
+                        log.write({"step": self.step, "epoch": done_epoch, **res})
+                        log.print("kNN top-1 " + ", ".join(f"{k[9:]} {v:.2f}%" for k, v in res.items()))
+            self.save()
+        finally:
+            log.close()
+        return self.out / "last.pth"
+
+    def _count_bad(self, bad: int, total: int, log: RunLog) -> None:
+        self.seen_images += total
+        if not bad:
+            return
+        self.bad_images += bad
+        log.print(f"warning: skipped {bad} unreadable image(s) at step {self.step} "
+                  f"({self.bad_images} so far)")
+        if self.bad_images > self.cfg.data.max_bad_fraction * max(self.seen_images, 1) and \
+                self.seen_images >= 100:
+            raise TrainingError(f"{self.data}: {self.bad_images} of {self.seen_images} images "
+                                f"could not be read (more than data.max_bad_fraction="
+                                f"{self.cfg.data.max_bad_fraction}); fix the dataset")
+
+    def _log(self, out: dict[str, Any], log: RunLog, window_t: float, window_images: int,
+             start_step: int, t0: float) -> tuple[float, int]:
+        now = time.perf_counter()
+        speed = window_images / max(now - window_t, 1e-9)
+        per_step = (now - t0) / max(self.step - start_step, 1)
+        eta = per_step * (self.total_steps - self.step)
+        record = {
+            "step": self.step, "epoch": self.step / self.per_epoch,
+            "loss": float(out["loss"].detach()), "byol_loss": float(out["byol_loss"]),
+            "lr": out["lr"], "m": out["m"], "gap": float(out["gap"]),
+            "img_per_s": speed, "bad_images": self.bad_images,
+        }
+        if "residual_loss" in out:
+            record["residual_loss"] = float(out["residual_loss"])
+        mbn = momentum_bn_modules(self.model.teacher)
+        if mbn:
+            record["alpha"] = mbn[0].alpha
+        log.write(record)
+        alpha = f" α {record['alpha']:.4f}" if "alpha" in record else ""
+        log.print(f"step {self.step}/{self.total_steps} ({100 * self.step / self.total_steps:.0f}%) "
+                  f"loss {record['loss']:.4f} lr {record['lr']:.4g} m {record['m']:.5f}{alpha} "
+                  f"gap {record['gap']:.4f} {speed:.1f} img/s eta {_fmt_time(eta)}")
+        return now, 0
+
+
+def resume_config(out: str | Path, overrides: list[str]) -> Config:
+    """The config saved in ``out/last.pth``, with command-line overrides applied on top."""
+    last = Path(out) / "last.pth"
+    if not last.exists():
+        raise UserError(f"{last}: nothing to resume (no last.pth in the run directory)")
+    cfg = config_from_dict(load_checkpoint(last)["config"], str(last))
+    return apply_overrides(cfg, overrides)
+
+
+def _as_random_state(state: Any) -> tuple:
+    """``random.getstate()`` comes back from a checkpoint with lists where tuples were."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
