@@ -25,7 +25,7 @@ from .errors import UserError
 from .knn import extract_features, knn_accuracy
 from .lars import LARS, split_bn_and_bias
 from .methods import StudentTeacher, build_method
-from .momentum_bn import momentum_bn_modules
+from .momentum_bn import bn_alpha, momentum_bn_modules
 from .schedules import scaled_lr, warmup_cosine_lr
 
 
@@ -350,9 +350,8 @@ class Trainer:
         }
         if "residual_loss" in out:
             record["residual_loss"] = float(out["residual_loss"])
-        mbn = momentum_bn_modules(self.model.teacher)
-        if mbn:
-            record["alpha"] = mbn[0].alpha
+        if momentum_bn_modules(self.model.teacher):  # the α this step mixed with
+            record["alpha"] = bn_alpha(self.step - 1, self.total_steps)
         log.write(record)
         alpha = f" α {record['alpha']:.4f}" if "alpha" in record else ""
         log.print(f"step {self.step}/{self.total_steps} ({100 * self.step / self.total_steps:.0f}%) "
