@@ -1,0 +1,248 @@
+"""Recognise what a checkpoint holds: where its ResNet backbones are and which branch each is.
+
+Checkpoints from different codebases wrap the same torchvision ResNet differently. We flatten
+the loaded object into dotted keys, strip wrapper names that carry no meaning (a
+``state_dict`` or ``model`` entry at the top, ``module.`` from DataParallel/DDP anywhere),
+and split every key that ends like a torchvision ResNet key into a *prefix* and that key.
+Each prefix holding ResNet stages is a candidate backbone; ``KNOWN_PREFIXES`` (the one table
+of layouts) says which branch, teacher or student, a prefix is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .naming import split_torchvision_key
+
+OUR_FORMAT = "momentum2-pretrain"
+
+
+@dataclass(frozen=True)
+class KnownPrefix:
+    """A backbone prefix some codebase uses, the branch it holds, and its counterpart."""
+
+    prefix: str
+    branch: str
+    layout: str
+    partner: str
+    #: Whether the prefix names its branch only next to its partner: a lone ``backbone.`` is
+    #: just *the* backbone (e.g. solo-learn SimCLR), not a student.
+    needs_partner: bool = False
+
+
+#: The one table of known layouts, after wrapper stripping (``module.``, ``state_dict``).
+KNOWN_PREFIXES: tuple[KnownPrefix, ...] = (
+    KnownPrefix("teacher.backbone.", "teacher", "m2t-pretrain", "student.backbone."),
+    KnownPrefix("student.backbone.", "student", "m2t-pretrain", "teacher.backbone."),
+    KnownPrefix("teacher_encoder.", "teacher", "Momentum² Teacher (authors' code)",
+                "student_encoder."),
+    KnownPrefix("student_encoder.", "student", "Momentum² Teacher (authors' code)",
+                "teacher_encoder."),
+    KnownPrefix("encoder_k.", "teacher", "MoCo (encoder_q / encoder_k)", "encoder_q."),
+    KnownPrefix("encoder_q.", "student", "MoCo (encoder_q / encoder_k)", "encoder_k."),
+    KnownPrefix("target_net.backbone.", "teacher", "BYOL / EMAN (online_net / target_net)",
+                "online_net.backbone."),
+    KnownPrefix("online_net.backbone.", "student", "BYOL / EMAN (online_net / target_net)",
+                "target_net.backbone."),
+    KnownPrefix("momentum_backbone.", "teacher",
+                "solo-learn / Lightning (backbone / momentum_backbone)", "backbone."),
+    KnownPrefix("backbone.", "student", "solo-learn / Lightning (backbone / momentum_backbone)",
+                "momentum_backbone.", needs_partner=True),
+    KnownPrefix("ema.", "teacher", "EMAN (main / ema)", "main."),
+    KnownPrefix("main.", "student", "EMAN (main / ema)", "ema.", needs_partner=True),
+    KnownPrefix("model_ema.", "teacher", "EMA model (model / model_ema)", ""),
+    KnownPrefix("state_dict_ema.", "teacher", "timm EMA (state_dict / state_dict_ema)", ""),
+    KnownPrefix("", "student", "torchvision ResNet state dict", "model_ema.", needs_partner=True),
+)
+
+#: Top-level entries that only wrap the weights; stripped from the front of every key.
+WRAPPERS = ("state_dict", "model", "module")
+
+#: Momentum-BN counters (SPEC §1.1): part of our teacher's BN state, not of an ordinary BN.
+MOMENTUM_BN_EXTRAS = ("step", "total_steps")
+
+#: Key fragments of other architectures, to say what a non-ResNet checkpoint looks like.
+OTHER_ARCHITECTURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("a Vision Transformer", ("cls_token", "class_token", "patch_embed", "conv_proj",
+                              "encoder.layers.", "pos_embed")),
+    ("a Swin Transformer", ("relative_position_bias_table",)),
+    ("a ConvNeXt", ("downsample_layers.", "stages.")),
+    ("a VGG / MobileNet / EfficientNet / DenseNet (torchvision 'features.')", ("features.",)),
+)
+
+
+@dataclass
+class Backbone:
+    """ResNet tensors found under one prefix, renamed to torchvision keys."""
+
+    prefix: str                  # after wrapper stripping, e.g. "encoder_k."
+    found_as: str                # the prefix as it appears in the file
+    tensors: dict[str, torch.Tensor]
+    branch: str | None = None  # "teacher", "student", or None when the layout says neither
+    layout: str = "unrecognised layout"
+
+    def describe(self) -> str:
+        label = f"{self.branch}, {self.layout}" if self.branch else self.layout
+        return f"'{self.found_as}' ({label})"
+
+
+@dataclass
+class Contents:
+    """What a loaded checkpoint holds, as far as conversion cares."""
+
+    backbones: list[Backbone]
+    wrappers: list[str]
+    keys: list[str]              # every tensor key in the file, flattened
+    meta: dict[str, Any] = field(default_factory=dict)  # our format: method, arch, step, ...
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self.keys)
+
+    @property
+    def ours(self) -> bool:
+        return self.meta.get("format") == OUR_FORMAT
+
+
+@dataclass
+class Selection:
+    """The backbone chosen for export and why."""
+
+    backbone: Backbone
+    branch: str   # "teacher", "student" or "single backbone"
+    note: str = ""
+    dropped_counters: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # extras removed
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out[prefix[:-1]] = obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if isinstance(key, str):  # optimizer states are keyed by int: not weights
+                _flatten(value, f"{prefix}{key}.", out)
+
+
+def _strip_wrappers(key: str, seen: set[str]) -> str:
+    parts = key.split(".")
+    while len(parts) > 1 and parts[0] in WRAPPERS:
+        seen.add(parts.pop(0))
+    if "module" in parts[:-1]:
+        seen.add("module")
+        parts = [p for i, p in enumerate(parts) if p != "module" or i == len(parts) - 1]
+    return ".".join(parts)
+
+
+def scan(obj: Any) -> Contents:
+    """Find every ResNet backbone in a loaded checkpoint object."""
+    flat: dict[str, torch.Tensor] = {}
+    _flatten(obj, "", flat)
+    seen: set[str] = set()
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    found_as: dict[str, str] = {}
+    for key, tensor in flat.items():
+        canonical = _strip_wrappers(key, seen)
+        split = split_torchvision_key(canonical)
+        if split is None:
+            continue
+        prefix, name = split
+        groups.setdefault(prefix, {})[name] = tensor
+        if prefix not in found_as:
+            found_as[prefix] = key[: len(key) - len(name)]
+    backbones = [Backbone(prefix, found_as[prefix], tensors) for prefix, tensors in groups.items()
+                 if any(k.startswith("layer1.") for k in tensors)]
+    present = {b.prefix for b in backbones}
+    known = {k.prefix: k for k in KNOWN_PREFIXES}
+    for backbone in backbones:
+        entry = known.get(backbone.prefix)
+        if entry is None:
+            continue
+        backbone.layout = entry.layout
+        if not entry.needs_partner or entry.partner in present:
+            backbone.branch = entry.branch
+        elif entry.prefix == "":
+            backbone.layout = "torchvision ResNet state dict"
+        else:
+            backbone.layout = f"single backbone under '{entry.prefix}'"
+    meta: dict[str, Any] = {}
+    if isinstance(obj, Mapping) and obj.get("format") == OUR_FORMAT:
+        meta = {k: obj.get(k) for k in ("format", "version", "method", "arch", "step", "epoch")}
+        config = obj.get("config")
+        if isinstance(config, Mapping):
+            train = config.get("train")
+            if isinstance(train, Mapping) and train.get("export_branch") in ("teacher", "student"):
+                meta["export_branch"] = train["export_branch"]
+    order = [wrapper for wrapper in WRAPPERS if wrapper in seen]
+    return Contents(backbones, order, list(flat), meta)
+
+
+def no_resnet_message(contents: Contents) -> str:
+    """Why nothing could be converted, in terms of what the file does hold."""
+    if contents.tensor_count == 0:
+        return "holds no tensors at all: not a model checkpoint"
+    keys = ", ".join(contents.keys[:3])
+    return (f"holds {contents.tensor_count} tensors but no ResNet backbone (no keys like "
+            f"'conv1.weight', 'layer1.0.conv1.weight' under any prefix); e.g. {keys}")
+
+
+def other_architecture(contents_keys: list[str]) -> str | None:
+    """'a Vision Transformer' etc. when the keys look like another known architecture."""
+    for name, fragments in OTHER_ARCHITECTURES:
+        if any(fragment in key for key in contents_keys for fragment in fragments):
+            return name
+    return None
+
+
+def select(contents: Contents, branch: str | None = None,
+           prefix: str | None = None) -> Selection:
+    """Choose the backbone to export; ValueError (a user-facing sentence) if none or several.
+
+    ``branch`` None means the checkpoint's own preference (``train.export_branch`` in our
+    checkpoints), else the teacher (SPEC §1.1: the authors evaluate the teacher). A
+    checkpoint with one backbone of no particular branch exports it whatever is asked.
+    """
+    listing = ", ".join(b.describe() for b in contents.backbones)
+    if prefix is not None:
+        wanted = prefix if prefix == "" or prefix.endswith(".") else prefix + "."
+        chosen = [b for b in contents.backbones if wanted in (b.prefix, b.found_as)]
+        if len(chosen) != 1:
+            raise ValueError(f"no backbone under prefix '{wanted}'; backbones found: {listing}")
+        return _finish(chosen[0], chosen[0].branch or "single backbone")
+    requested = branch or contents.meta.get("export_branch") or "teacher"
+    matches = [b for b in contents.backbones if b.branch == requested]
+    if len(matches) == 1:
+        return _finish(matches[0], requested)
+    if len(matches) > 1:
+        raise ValueError(f"the {requested} branch is ambiguous: several backbones found "
+                         f"({listing}); choose one with --prefix")
+    if (contents.ours and contents.meta.get("method") == "projector_only"
+            and requested == "teacher"):
+        students = [b for b in contents.backbones if b.branch == "student"]
+        if len(students) == 1:
+            return _finish(students[0], "teacher",
+                           "method projector_only: the teacher shares the student's backbone, "
+                           "so the student backbone is exported")
+    if len(contents.backbones) == 1 and contents.backbones[0].branch is None:
+        return _finish(contents.backbones[0], "single backbone")
+    others = sorted({b.branch for b in contents.backbones if b.branch and b.branch != requested})
+    hint = f"--branch {others[0]}" if len(others) == 1 else "--branch or --prefix"
+    raise ValueError(f"no {requested} backbone found; backbones found under prefixes {listing}; "
+                     f"choose one with {hint}")
+
+
+def _finish(backbone: Backbone, branch: str, note: str = "") -> Selection:
+    """Drop momentum-BN counters: the rest of a momentum BN is an ordinary BN's state."""
+    kept: dict[str, torch.Tensor] = {}
+    dropped = 0
+    for key, tensor in backbone.tensors.items():
+        # Only BN owners (bn1, bnK, downsample.1) can carry names other than "weight".
+        if key.rpartition(".")[2] in MOMENTUM_BN_EXTRAS:
+            dropped += 1
+            continue
+        kept[key] = tensor
+    return Selection(backbone, branch, note, dropped, kept)

@@ -1,0 +1,276 @@
+"""``convert_checkpoint``: read a checkpoint, pick the backbone, write Detectron2 or torchvision.
+
+The steps, each in its own module: ``io`` reads the file safely; ``layouts`` finds the
+backbones and chooses the branch; ``archs`` names the architecture and checks every tensor
+against torchvision's; ``naming`` renames for Detectron2; ``verify`` (optional) proves the
+result with Detectron2 itself. The returned summary is plain data; ``summary_lines`` words it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+import torchvision
+
+from . import archs, layouts
+from .errors import ConversionError, PathArg
+from .io import check_writable, load_checkpoint, write_atomic
+from .naming import detectron2_config_yaml, torchvision_to_detectron2
+
+FORMATS = ("d2", "torchvision")
+_EXTENSIONS = {".pkl": "d2", ".pth": "torchvision", ".pt": "torchvision"}
+AUTHOR = "m2t-convert (momentum2)"
+
+
+class VerificationError(ConversionError):
+    """``--verify`` found a problem; ``report`` says which. Nothing was written."""
+
+    def __init__(self, path: PathArg, report: Any) -> None:
+        super().__init__(path, "verification failed; no output written")
+        self.report = report
+
+
+def output_format(output: Path, fmt: str | None) -> str:
+    """'d2' or 'torchvision', from ``fmt`` or the extension; the two must agree on .pkl."""
+    by_extension = _EXTENSIONS.get(output.suffix.lower())
+    if fmt is not None and fmt not in FORMATS:
+        raise ConversionError(output, f"unknown format {fmt!r}; choose d2 or torchvision")
+    if fmt == "d2" and by_extension != "d2":
+        raise ConversionError(output, "Detectron2 reads converted weights only from files "
+                                      "ending in .pkl; name the output *.pkl")
+    if fmt == "torchvision" and by_extension == "d2":
+        raise ConversionError(output, "a torchvision state dict named *.pkl would be read as "
+                                      "a Detectron2 pickle; name it *.pth")
+    chosen = fmt or by_extension
+    if chosen is None:
+        raise ConversionError(output, f"cannot tell the output format from the extension "
+                                      f"'{output.suffix}'; use .pkl (Detectron2) or .pth "
+                                      f"(torchvision), or pass --format")
+    return chosen
+
+
+def sidecar_path(output: Path) -> Path:
+    """Where the Detectron2 config snippet goes: ``out.pkl`` → ``out.yaml``."""
+    return output.with_suffix(".yaml")
+
+
+def _input_kind(contents: layouts.Contents, selection: layouts.Selection) -> str:
+    meta = contents.meta
+    if contents.ours:
+        kind = (f"m2t-pretrain checkpoint (method {meta.get('method')}, "
+                f"step {meta.get('step')}, epoch {meta.get('epoch')})")
+    else:
+        kind = selection.backbone.layout
+        if selection.backbone.layout == "unrecognised layout":
+            kind = f"backbone under the unrecognised prefix '{selection.backbone.prefix}'"
+    wrapped = [f"'{w}'" for w in contents.wrappers if w != "module"]
+    if wrapped:
+        kind += f", inside {' / '.join(wrapped)}"
+    if "module" in contents.wrappers:
+        kind += ", 'module.' stripped"
+    return kind
+
+
+def _backbone_state(tensors: Mapping[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """torchvision-ordered float32 backbone state; absent BN counters are written as 0."""
+    state: dict[str, torch.Tensor] = {}
+    for key in archs.expected_shapes(arch):
+        tensor = tensors.get(key)
+        if tensor is None:  # only num_batches_tracked can be absent (archs.check)
+            tensor = torch.tensor(0, dtype=torch.long)
+        elif tensor.is_floating_point():
+            tensor = tensor.detach().to(torch.float32)
+        state[key] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def torchvision_load_report(state: Mapping[str, torch.Tensor], arch: str,
+                            device: str = "meta") -> tuple[list[str], list[str]]:
+    """(missing, unexpected) keys when ``torchvision.models.<arch>()`` loads ``state``."""
+    if device == "meta":
+        model = archs.meta_model(arch)
+    else:
+        model = getattr(torchvision.models, arch)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # copying into meta tensors is a no-op: that's the idea
+        result = model.load_state_dict(dict(state), strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def detectron2_payload(state: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The Detectron2 model-zoo pickle: renamed numpy arrays, no BN counters (SPEC §3)."""
+    model: dict[str, np.ndarray] = {}
+    for key, tensor in state.items():
+        name = torchvision_to_detectron2(key)
+        if name is not None:
+            model[name] = tensor.numpy()
+    return {"model": model, "__author__": AUTHOR, "matching_heuristics": True,
+            "m2t_convert": meta}
+
+
+def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = None,
+                       fmt: str | None = None, arch: str | None = None, force: bool = False,
+                       verify: bool = False, prefix: str | None = None,
+                       unsafe_load: bool = False) -> dict[str, Any]:
+    """Convert the ResNet backbone in ``input`` to Detectron2 (.pkl) or torchvision (.pth).
+
+    ``branch``: "teacher" or "student"; None takes the checkpoint's own preference, else the
+    teacher. ``fmt``: "d2" or "torchvision"; None goes by the extension. ``arch``: the
+    expected architecture, checked against the one detected from the tensors. ``verify``:
+    prove the result with Detectron2 (``verify_detectron2``) before it takes its name.
+    ``prefix``: pick the backbone under this key prefix when the layout is not recognised.
+
+    Raises ``ConversionError`` (``VerificationError`` for a failed proof) with a sentence a
+    user can act on; on any error no output file is left behind. Returns the summary (plain
+    data; ``summary_lines`` renders it).
+    """
+    started = time.perf_counter()
+    source, out = str(input), Path(output)
+    if branch not in (None, "teacher", "student"):
+        raise ConversionError(source, f"unknown branch {branch!r}; choose teacher or student")
+    if arch is not None and arch not in archs.RESNETS:
+        raise ConversionError(source, f"unknown --arch {arch!r}; choose one of "
+                                      f"{', '.join(archs.RESNETS)}")
+    chosen_format = output_format(out, fmt)
+    sidecar = sidecar_path(out) if chosen_format == "d2" else None
+    check_writable(out, force)
+    if sidecar is not None:
+        check_writable(sidecar, force)
+
+    contents = layouts.scan(load_checkpoint(source, unsafe=unsafe_load))
+    if not contents.backbones:
+        other = layouts.other_architecture(contents.keys)
+        if other is not None:
+            raise ConversionError(source, f"is not a ResNet: its tensors look like {other}; "
+                                          f"only torchvision-style ResNets "
+                                          f"({', '.join(archs.RESNETS)}) can be converted")
+        raise ConversionError(source, layouts.no_resnet_message(contents))
+    try:
+        selection = layouts.select(contents, branch, prefix)
+    except ValueError as e:
+        raise ConversionError(source, str(e)) from None
+    tensors = selection.tensors
+    try:
+        detected = archs.detect(list(tensors))
+    except ValueError as e:
+        raise ConversionError(source, f"backbone {selection.backbone.describe()} is {e}") from None
+    found = archs.describe(*archs.RESNETS[detected])
+    if arch is not None and arch != detected:
+        raise ConversionError(source, f"holds a {detected} ({found}), not the requested "
+                                      f"--arch {arch}")
+    declared = contents.meta.get("arch")
+    if contents.ours and declared and declared != detected:
+        raise ConversionError(source, f"says arch {declared} but its tensors are a {detected} "
+                                      f"({found})")
+    problems = archs.check(tensors, detected)
+    if problems:
+        raise ConversionError(source, f"backbone {selection.backbone.describe()} is not a "
+                                      f"torchvision {detected}: {'; '.join(problems)}")
+
+    state = _backbone_state(tensors, detected)
+    missing, unexpected = torchvision_load_report(state, detected)
+    meta = {"source": source, "branch": selection.branch, "arch": detected,
+            "prefix": selection.backbone.found_as}
+    report = None
+    if chosen_format == "d2":
+        payload = detectron2_payload(state, meta)
+        written = len(payload["model"])
+
+        def write(f: IO[bytes]) -> None:
+            pickle.dump(payload, f, protocol=4)
+    else:
+        written = len(state)
+
+        def write(f: IO[bytes]) -> None:
+            torch.save(state, f)
+
+    def prove(tmp: Path) -> None:
+        nonlocal report
+        from .verify import verify_detectron2
+
+        if chosen_format == "d2":
+            report = verify_detectron2(tmp, detected, reference=state)
+        else:
+            tv_missing, tv_unexpected = torchvision_load_report(
+                torch.load(tmp, weights_only=True), detected, device="cpu")
+            with tempfile.TemporaryDirectory() as scratch:
+                pkl = Path(scratch) / "check.pkl"
+                with open(pkl, "wb") as f:
+                    pickle.dump(detectron2_payload(state, meta), f, protocol=4)
+                report = verify_detectron2(pkl, detected, reference=state)
+            if sorted(tv_missing) != ["fc.bias", "fc.weight"] or tv_unexpected:
+                report.not_loaded.append(f"torchvision: missing {tv_missing}, "
+                                         f"unexpected {tv_unexpected}")
+        if not report.ok:
+            raise VerificationError(out, report)
+
+    write_atomic(out, write, check=prove if verify else None)
+    config = detectron2_config_yaml(archs.depth(detected), weights=str(out.resolve()))
+    if sidecar is not None:
+        header = f"# Detectron2 settings required by {out.name} (written by m2t-convert)\n"
+        try:
+            write_atomic(sidecar, lambda f: f.write((header + config).encode()))
+        except ConversionError:
+            out.unlink(missing_ok=True)
+            raise
+    return {
+        "input": source,
+        "output": str(out),
+        "format": chosen_format,
+        "input_kind": _input_kind(contents, selection),
+        "prefix": selection.backbone.found_as,
+        "branch": selection.branch,
+        "note": selection.note,
+        "arch": detected,
+        "structure": found,
+        "tensors_written": written,
+        "tensors_in_file": contents.tensor_count,
+        "momentum_bn_counters_dropped": selection.dropped_counters,
+        "torchvision_missing": missing,
+        "torchvision_unexpected": unexpected,
+        "detectron2_config": config,
+        "config_yaml": str(sidecar) if sidecar is not None else None,
+        "verify": report.to_dict() if report is not None else None,
+        "verify_lines": report.lines() if report is not None else [],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The short human summary the command prints."""
+    branch = summary["branch"]
+    lines = [
+        f"input:    {summary['input']}",
+        f"detected: {summary['input_kind']}",
+        f"branch:   {branch} (prefix '{summary['prefix']}')",
+    ]
+    if summary["note"]:
+        lines.append(f"          {summary['note']}")
+    lines.append(f"arch:     {summary['arch']} ({summary['structure']})")
+    dropped = summary["tensors_in_file"] - summary["tensors_written"]
+    what = "Detectron2 pickle" if summary["format"] == "d2" else "torchvision state dict"
+    lines.append(f"wrote:    {summary['output']}: {what}, {summary['tensors_written']} tensors "
+                 f"({dropped} other tensors of the file not exported: projector, predictor, "
+                 f"fc, other branch, training state"
+                 + (", num_batches_tracked" if summary["format"] == "d2" else "")
+                 + (f"; {summary['momentum_bn_counters_dropped']} momentum-BN counters"
+                    if summary["momentum_bn_counters_dropped"] else "") + ")")
+    if summary["format"] == "torchvision":
+        missing = ", ".join(summary["torchvision_missing"]) or "nothing"
+        lines.append(f"torchvision.models.{summary['arch']}() loads it; missing: {missing}"
+                     + (f"; unexpected: {summary['torchvision_unexpected']}"
+                        if summary["torchvision_unexpected"] else ""))
+    lines.append("Detectron2 config the weights require"
+                 + (f" (also in {summary['config_yaml']}):" if summary["config_yaml"] else ":"))
+    lines += ["  " + line for line in summary["detectron2_config"].splitlines()]
+    lines += [f"verify:   {line}" for line in summary["verify_lines"]]
+    return lines
+
