@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
 
 from .errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 
 
-def resolve_config_path(name: Optional[str]) -> Optional[Path]:
+def resolve_config_path(name: str | None) -> Path | None:
     """A path, or the name of a file in configs/pretrain/ (with or without .yaml)."""
     if name is None:
         return None
@@ -71,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train}[args.command](args)

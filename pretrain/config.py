@@ -8,10 +8,11 @@ resolved config is printed at start and saved as ``config.yaml`` in the run dire
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -24,7 +25,7 @@ class ModelConfig:
     method: str = "m2t"                  # see pretrain.methods.METHODS
     proj_hidden_dim: int = 4096
     proj_dim: int = 256
-    base_momentum: Optional[float] = None  # teacher EMA m0; None → the method's default
+    base_momentum: float | None = None  # teacher EMA m0; None → the method's default
     double_variance_correction: bool = False  # the authors' extra n/(n-1) on the variance
     residual_weight: float = 0.0         # λ of the residual-momentum term (0 = off)
     sync_bn: bool = False                # SyncBN in student and teacher (byol only)
@@ -97,7 +98,7 @@ def _valid_keys(section: Any) -> list[str]:
 def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
     hint = annotation
     origin = typing.get_origin(hint)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
@@ -147,7 +148,7 @@ def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
     cfg = Config()
     if path is not None:

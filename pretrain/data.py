@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torchvision
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .errors import UserError
 
 
-def image_folder(root: str | Path, transform: Optional[Callable] = None) -> torchvision.datasets.ImageFolder:
+def image_folder(root: str | Path, transform: Callable | None = None) -> torchvision.datasets.ImageFolder:
     """``torchvision.datasets.ImageFolder`` with a one-line error for a missing or empty folder."""
     root = Path(root)
     if not root.is_dir():
@@ -47,7 +47,7 @@ class TwoViewDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         path, _ = self.folder.samples[index]
         try:
             img = self.folder.loader(path)

@@ -29,5 +29,5 @@ def update_ema_loop(teacher: Iterable[torch.Tensor], student: Iterable[torch.Ten
                     momentum: float) -> None:
     """Per-tensor reference implementation of :func:`update_ema` (tests, benchmarks)."""
     with torch.no_grad():
-        for pt, ps in zip(teacher, student):
+        for pt, ps in zip(teacher, student, strict=False):
             pt.mul_(momentum).add_(ps, alpha=1.0 - momentum)

@@ -10,7 +10,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -118,7 +118,7 @@ def _fmt_time(seconds: float) -> str:
 class Trainer:
     """Everything a pretraining run holds; ``run()`` trains until K steps or ``stop_after``."""
 
-    def __init__(self, cfg: Config, data: str | Path, out: str | Path, val: Optional[str] = None,
+    def __init__(self, cfg: Config, data: str | Path, out: str | Path, val: str | None = None,
                  resume: bool = False, stop_after: int = 0) -> None:
         self.out = Path(out)
         self.data, self.val = data, val
@@ -209,7 +209,7 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(_as_random_state(ckpt["rng"]["python"]))
 
-    def save(self, epoch: Optional[int] = None) -> None:
+    def save(self, epoch: int | None = None) -> None:
         """Refresh last.pth; also keep ``epoch_NNNN.pth`` when ``epoch`` is given."""
         if not self.dist.main:
             return

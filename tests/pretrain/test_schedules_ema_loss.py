@@ -20,9 +20,9 @@ def test_fused_ema_update_equals_the_formula() -> None:
     torch.manual_seed(0)
     teacher = [torch.randn(3, 4), torch.randn(5)]
     student = [torch.randn(3, 4), torch.randn(5)]
-    expected = [0.9 * t + 0.1 * s for t, s in zip(teacher, student)]
+    expected = [0.9 * t + 0.1 * s for t, s in zip(teacher, student, strict=False)]
     update_ema(teacher, student, 0.9)
-    for got, want in zip(teacher, expected):
+    for got, want in zip(teacher, expected, strict=False):
         torch.testing.assert_close(got, want)
 
 
@@ -33,7 +33,7 @@ def test_fused_ema_matches_the_per_tensor_loop() -> None:
     s = [torch.randn(7) for _ in range(4)]
     update_ema(a, s, 0.996)
     update_ema_loop(b, s, 0.996)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         torch.testing.assert_close(x, y)
 
 
@@ -50,7 +50,7 @@ def test_lr_warmup_then_cosine_to_zero() -> None:
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.5)
     assert lrs[110] == pytest.approx(0.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
     assert scaled_lr(0.05, 1024) == pytest.approx(0.2)
 
 
@@ -89,7 +89,7 @@ def test_teacher_starts_as_a_copy_has_no_grads_and_no_predictor() -> None:
     model = build_method(tiny_cfg(), total_steps=10)
     assert not hasattr(model.teacher, "predictor")
     assert all(not p.requires_grad for p in model.teacher.parameters())
-    for t, s in zip(model.teacher.parameters(), model.student.encoder_parameters()):
+    for t, s in zip(model.teacher.parameters(), model.student.encoder_parameters(), strict=False):
         assert t.shape == s.shape
         torch.testing.assert_close(t, s)
     x = torch.randn(4, 3, 32, 32)
@@ -107,5 +107,5 @@ def test_update_teacher_applies_the_scheduled_momentum() -> None:
     before = [p.clone() for p in model.teacher.parameters()]
     m = model.update_teacher(step=3)
     assert m == pytest.approx(1 - 0.01 * (math.cos(math.pi * 3 / 10) + 1) / 2)
-    for b, t, s in zip(before, model.teacher.parameters(), model.student.encoder_parameters()):
+    for b, t, s in zip(before, model.teacher.parameters(), model.student.encoder_parameters(), strict=False):
         torch.testing.assert_close(t, m * b + (1 - m) * s)

@@ -1,0 +1,43 @@
+"""Run under torchrun: train a few steps with DDP, then check every rank holds the same weights.
+
+Exits 0 when the student and teacher weights are identical on all ranks; prints one line per
+rank with its checksums.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import load_config
+from pretrain.train import Trainer
+
+
+def main(data: str, out: str, overrides: list[str]) -> int:
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, data, out)
+    trainer.run()
+    model = trainer.model
+    checks = {
+        "student": torch.cat([p.detach().flatten() for p in model.student.parameters()]),
+        "teacher": torch.cat([p.detach().flatten() for p in model.teacher.parameters()]),
+        "teacher_bn_mean": torch.cat([b.flatten() for n, b in model.teacher.named_buffers()
+                                      if n.endswith("running_mean")]),
+    }
+    ok = True
+    for name, flat in checks.items():
+        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flat)
+        same = all(torch.equal(gathered[0], g) for g in gathered)
+        print(f"rank {dist.get_rank()} {name} sum={flat.double().sum().item():.10f} "
+              f"identical_across_ranks={same}", flush=True)
+        if name != "teacher_bn_mean":
+            ok &= same
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3:]))

@@ -1,0 +1,117 @@
+"""Bad input: one clear ``error:`` line, exit code ≠ 0, nothing overwritten."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.__main__ import main
+
+from .conftest import TINY
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_error(argv: list[str], capsys) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_missing_data_folder(tmp_path: Path, capsys) -> None:
+    line = run_error(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
+                      *TINY], capsys)
+    assert "nope" in line and "not found" in line
+
+
+def test_empty_data_folder(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    line = run_error(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"),
+                      *TINY], capsys)
+    assert "empty" in line and "no images" in line
+
+
+def test_unknown_architecture(tiny_train: Path, tmp_path: Path, capsys) -> None:
+    line = run_error(["train", "--data", str(tiny_train), "--out", str(tmp_path / "r"),
+                      *TINY, "model.arch=resnet7"], capsys)
+    assert "model.arch" in line and "resnet50" in line
+
+
+def test_unknown_config_key_lists_the_valid_ones(tiny_train: Path, tmp_path: Path, capsys) -> None:
+    line = run_error(["train", "--data", str(tiny_train), "--out", str(tmp_path / "r"),
+                      "train.epoch=3"], capsys)
+    assert "train.epoch" in line and "epochs" in line
+
+
+def test_wrong_type_and_unknown_config_name(tiny_train: Path, tmp_path: Path, capsys) -> None:
+    line = run_error(["train", "--data", str(tiny_train), "--out", str(tmp_path / "r"),
+                      "data.batch_size=many"], capsys)
+    assert "data.batch_size must be int" in line
+    line = run_error(["train", "--config", "no_such_recipe", "--data", str(tiny_train),
+                      "--out", str(tmp_path / "r")], capsys)
+    assert "no_such_recipe" in line and "resnet18_cifar" in line
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", b"PK\x03\x04truncated"])
+def test_resume_from_a_corrupt_checkpoint_fails_and_keeps_it(tiny_train: Path, tmp_path: Path,
+                                                            capsys, content: bytes) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "last.pth").write_bytes(content)
+    line = run_error(["train", "--data", str(tiny_train), "--out", str(run), "--resume"], capsys)
+    assert "last.pth" in line and "not a readable checkpoint" in line
+    assert (run / "last.pth").read_bytes() == content
+
+
+def test_resume_from_a_foreign_checkpoint_fails_and_keeps_it(tiny_train: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, run / "last.pth")
+    before = (run / "last.pth").read_bytes()
+    line = run_error(["train", "--data", str(tiny_train), "--out", str(run), "--resume"], capsys)
+    assert "not a momentum2 pretraining checkpoint" in line and "state_dict" in line
+    assert (run / "last.pth").read_bytes() == before
+
+
+def test_existing_run_is_not_overwritten_without_resume(tiny_train: Path, tmp_path: Path,
+                                                        capsys) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"precious")
+    line = run_error(["train", "--data", str(tiny_train), "--out", str(run), *TINY], capsys)
+    assert "--resume" in line
+    assert (run / "last.pth").read_bytes() == b"precious"
+
+
+def test_unreadable_images_are_skipped_and_counted(tiny_train: Path, tmp_path: Path,
+                                                   capsys) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_train, data, symlinks=True)
+    first_class = sorted(data.iterdir())[0]
+    (first_class / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    run = tmp_path / "r"
+    # 65 images, batch 13: 5 steps cover every image of the epoch, the broken one included
+    assert main(["train", "--data", str(data), "--out", str(run), *TINY, "data.batch_size=13",
+                 "train.steps=5", "data.max_bad_fraction=0.1"]) == 0
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().out
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["bad_images"] == 1
+
+
+def test_cli_error_is_one_line_without_traceback_in_a_subprocess(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "train", "--data",
+                           str(tmp_path / "missing"), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
