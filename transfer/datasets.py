@@ -1,0 +1,305 @@
+"""Datasets for transfer: COCO 2017 / LVIS by builtin name, or any COCO-format JSON by path.
+
+A dataset is named in ``DATASETS.TRAIN`` / ``DATASETS.TEST`` (or ``--train-dataset`` /
+``--test-dataset``) either by one of Detectron2's builtin names (``coco_2017_train``,
+``lvis_v1_val``, ...) looked up under ``--dataset-root`` or ``$DETECTRON2_DATASETS``
+(layout ``coco/{train2017,val2017,annotations}``, ``lvis/lvis_v1_{train,val}.json``), or by
+the path of an annotation JSON. A JSON whose categories carry LVIS's ``frequency`` field is
+read as LVIS (v0.5 or v1; images found by their ``coco_url`` split folder under the image
+root); any other is read as COCO format, with its categories taken from the file.
+
+:func:`resolve_dataset` checks everything before training starts (the file exists and is
+COCO/LVIS format, every image listed is present) and returns a picklable
+:class:`DatasetSpec` that :func:`register_dataset` registers in each worker process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json, load_lvis_json
+from detectron2.data.datasets.builtin import _PREDEFINED_SPLITS_COCO, _PREDEFINED_SPLITS_LVIS
+from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+from detectron2.data.datasets.lvis import get_lvis_instances_meta
+
+from .errors import TransferError
+
+#: builtin name -> (image root, annotation JSON), relative to the dataset root.
+BUILTIN: dict[str, tuple[str, str]] = {
+    **_PREDEFINED_SPLITS_COCO["coco"],
+    **{k: v for splits in _PREDEFINED_SPLITS_LVIS.values() for k, v in splits.items()},
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A checked dataset: what to register, under which name, with which metadata."""
+
+    name: str
+    json_file: str
+    image_root: str
+    kind: str  # "coco" or "lvis"
+    thing_classes: list[str] = field(default_factory=list)
+    #: COCO format: dataset category id -> contiguous id; empty for LVIS (ids are 1..N).
+    id_map: dict[int, int] = field(default_factory=dict)
+    #: [{"id": category id, "image_count": n}], used by the federated loss.
+    class_image_count: list[dict[str, int]] = field(default_factory=list)
+    num_images: int = 0
+    #: whether every non-crowd annotation has a segmentation (needed by mask heads).
+    has_masks: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.thing_classes)
+
+
+def dataset_root(root: str | None = None) -> Path:
+    """``root``, else ``$DETECTRON2_DATASETS``, else ``./datasets`` (Detectron2's rule)."""
+    chosen = root if root is not None else os.environ.get("DETECTRON2_DATASETS", "datasets")
+    path = Path(chosen).expanduser()
+    if root is not None and not path.is_dir():
+        raise TransferError(path, "dataset root does not exist")
+    return path
+
+
+def is_path_spec(spec: str) -> bool:
+    """Whether a dataset spec names a file rather than a builtin dataset."""
+    return spec.endswith(".json") or os.sep in spec or Path(spec).is_file()
+
+
+def resolve_dataset(
+    spec: str,
+    root: str | None = None,
+    image_root: str | None = None,
+    check_images: bool = True,
+) -> DatasetSpec:
+    """Check a dataset named by ``spec`` and describe it; raise :class:`TransferError` if bad.
+
+    Args:
+        spec: a builtin name (``coco_2017_val``) or the path of a COCO/LVIS-format JSON.
+        root: the dataset root for builtin names (default ``$DETECTRON2_DATASETS``).
+        image_root: the image folder of a JSON given by path. Default: for
+            ``<dir>/annotations/instances_<split>.json`` the folder ``<dir>/<split>``,
+            for LVIS files the JSON's folder, otherwise ``<json stem>/`` or ``images/``
+            beside the JSON, otherwise the JSON's own folder.
+        check_images: verify that every image the JSON lists exists (not needed to score
+            a results file).
+    """
+    if is_path_spec(spec):
+        json_file = Path(spec).expanduser()
+        data = read_annotation_json(json_file)
+        kind = "lvis" if _is_lvis(data) else "coco"
+        images = Path(image_root).expanduser() if image_root else _default_image_root(json_file,
+                                                                                     kind)
+        name = str(json_file.resolve())
+    elif spec in BUILTIN:
+        base = dataset_root(root)
+        rel_images, rel_json = BUILTIN[spec]
+        json_file, images = _find_builtin(base, rel_json, rel_images)
+        if not json_file.is_file():
+            raise TransferError(json_file, f"annotation file of {spec} not found; builtin datasets "
+                                           f"are looked up under --dataset-root or "
+                                           f"$DETECTRON2_DATASETS (now {base}), laid out as "
+                                           f"coco/{{train2017,val2017,annotations}} and "
+                                           f"lvis/lvis_v1_{{train,val}}.json")
+        data = read_annotation_json(json_file)
+        kind = "lvis" if spec.startswith("lvis") else "coco"
+        name = spec
+    else:
+        raise TransferError(spec, "unknown dataset; give the path of a COCO-format JSON or one "
+                                  "of: " + ", ".join(sorted(BUILTIN)))
+    if image_root and not images.is_dir():
+        raise TransferError(images, "image folder does not exist")
+    _check_format(json_file, data, kind)
+    if check_images:
+        _check_images(json_file, data, images, kind)
+    return _describe(name, json_file, images, kind, data)
+
+
+def read_annotation_json(path: Path) -> dict[str, Any]:
+    """The parsed annotation file, or a :class:`TransferError` saying why it cannot be."""
+    if not path.exists():
+        raise TransferError(path, "annotation file not found")
+    if not path.is_file():
+        raise TransferError(path, "expected an annotation JSON file, found a folder")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TransferError(path, f"not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise TransferError(path, "not a COCO-format annotation file: expected a JSON object "
+                                  f"with images, annotations and categories, found a "
+                                  f"{type(data).__name__}")
+    return data
+
+
+def _is_lvis(data: dict[str, Any]) -> bool:
+    cats = data.get("categories") or []
+    return bool(cats) and isinstance(cats[0], dict) and "frequency" in cats[0]
+
+
+def _find_builtin(base: Path, rel_json: str, rel_images: str) -> tuple[Path, Path]:
+    """The JSON and image root of a builtin split under ``base``.
+
+    Besides Detectron2's layout (``base/coco/annotations/...``), accept ``base`` being the
+    COCO folder itself (``base/annotations/...``), as a single-dataset root often is.
+    """
+    candidates = [(base / rel_json, base / rel_images)]
+    if rel_json.startswith("coco/"):
+        candidates.append((base / rel_json[5:], base / rel_images[5:]))
+    else:  # LVIS: lvis/<file>.json over the COCO images
+        candidates.append((base / Path(rel_json).name, base / rel_images))
+        candidates.append((base / Path(rel_json).name, base))
+    for json_file, images in candidates:
+        if json_file.is_file() and images.is_dir():
+            return json_file, images
+    return candidates[0]
+
+
+def _default_image_root(json_file: Path, kind: str) -> Path:
+    folder = json_file.parent
+    if kind == "lvis":
+        return folder
+    stem = json_file.stem
+    if folder.name == "annotations" and stem.startswith("instances_"):
+        return folder.parent / stem[len("instances_"):]
+    for candidate in (folder / stem, folder / "images"):
+        if candidate.is_dir():
+            return candidate
+    return folder
+
+
+def _check_format(path: Path, data: dict[str, Any], kind: str) -> None:
+    """Raise unless ``data`` has the COCO (or LVIS) instance-annotation structure."""
+    def bad(what: str) -> TransferError:
+        fmt = "LVIS" if kind == "lvis" else "COCO"
+        return TransferError(path, f"not a {fmt}-format annotation file: {what}")
+
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise bad(f"no '{key}' list")
+    if not data["categories"]:
+        raise bad("'categories' is empty")
+    if not data["images"]:
+        raise bad("'images' is empty")
+    for key, required in (("categories", ("id", "name")), ("images", ("id", "height", "width")),
+                          ("annotations", ("image_id", "category_id", "bbox"))):
+        for i, entry in enumerate(data[key]):
+            if not isinstance(entry, dict) or any(r not in entry for r in required):
+                raise bad(f"{key}[{i}] lacks one of {', '.join(required)}")
+    image_key = "coco_url" if kind == "lvis" else "file_name"
+    for i, img in enumerate(data["images"]):
+        if image_key not in img:
+            raise bad(f"images[{i}] has no '{image_key}'")
+    cat_ids = {c["id"] for c in data["categories"]}
+    img_ids = {img["id"] for img in data["images"]}
+    for i, ann in enumerate(data["annotations"]):
+        if ann["category_id"] not in cat_ids:
+            raise bad(f"annotations[{i}] has category_id {ann['category_id']}, not in categories")
+        if ann["image_id"] not in img_ids:
+            raise bad(f"annotations[{i}] has image_id {ann['image_id']}, not in images")
+        if not (isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4):
+            raise bad(f"annotations[{i}] has a bbox that is not [x, y, width, height]")
+    if kind == "lvis" and sorted(cat_ids) != list(range(1, len(cat_ids) + 1)):
+        raise bad("LVIS category ids must be 1..N")
+
+
+def image_relpath(img: dict[str, Any], kind: str) -> str:
+    """Where an image entry lives relative to the image root (LVIS: ``<split>/<file>``)."""
+    if kind == "lvis":
+        return "/".join(img["coco_url"].split("/")[-2:])
+    return img["file_name"]
+
+
+def _check_images(path: Path, data: dict[str, Any], images: Path, kind: str) -> None:
+    if not images.is_dir():
+        raise TransferError(images, f"image folder of {path} does not exist; give it with "
+                                    f"--train-images / --test-images")
+    listing: dict[Path, set[str]] = {}
+    missing = []
+    for img in data["images"]:
+        rel = Path(image_relpath(img, kind))
+        folder = images / rel.parent
+        if folder not in listing:
+            listing[folder] = set(os.listdir(folder)) if folder.is_dir() else set()
+        if rel.name not in listing[folder]:
+            missing.append(str(rel))
+    if missing:
+        raise TransferError(images, f"{len(missing)} of {len(data['images'])} images listed in "
+                                    f"{path} are missing (first: {missing[0]}); give the image "
+                                    f"folder with --train-images / --test-images")
+
+
+def _describe(name: str, json_file: Path, images: Path, kind: str,
+              data: dict[str, Any]) -> DatasetSpec:
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    if kind == "lvis":
+        classes = [(c.get("synonyms") or [c["name"]])[0] for c in cats]
+        id_map: dict[int, int] = {}
+    else:
+        classes = [c["name"] for c in cats]
+        id_map = {c["id"]: i for i, c in enumerate(cats)}
+    if all("image_count" in c for c in cats):
+        counts = [{"id": c["id"], "image_count": int(c["image_count"])} for c in cats]
+    else:
+        per_cat: dict[int, set[int]] = defaultdict(set)
+        for ann in data["annotations"]:
+            per_cat[ann["category_id"]].add(ann["image_id"])
+        counts = [{"id": c["id"], "image_count": len(per_cat[c["id"]])} for c in cats]
+    return DatasetSpec(
+        name=name,
+        json_file=str(json_file.resolve()),
+        image_root=str(images.resolve()),
+        kind=kind,
+        thing_classes=classes,
+        id_map=id_map,
+        class_image_count=counts,
+        num_images=len(data["images"]),
+        has_masks=bool(data["annotations"]) and all(
+            ann.get("segmentation") for ann in data["annotations"] if not ann.get("iscrowd")),
+    )
+
+
+def register_dataset(spec: DatasetSpec) -> str:
+    """Register ``spec`` in Detectron2's catalogs (replacing any entry of that name).
+
+    Builtin names are re-registered at the resolved location, keeping Detectron2's builtin
+    metadata; path datasets get the metadata read from their JSON.
+    """
+    if spec.name in DatasetCatalog.list():
+        DatasetCatalog.remove(spec.name)
+    if spec.name in MetadataCatalog.list():
+        MetadataCatalog.remove(spec.name)
+    json_file, image_root = spec.json_file, spec.image_root
+    if spec.kind == "lvis":
+        # load_lvis_json joins "<root>" + "<split>" (string concatenation): keep the slash.
+        lvis_root = image_root.rstrip(os.sep) + os.sep
+        if spec.name in BUILTIN:
+            meta = get_lvis_instances_meta(spec.name)
+            DatasetCatalog.register(spec.name,
+                                    lambda: load_lvis_json(json_file, lvis_root, spec.name))
+        else:
+            meta = {"thing_classes": spec.thing_classes}
+            DatasetCatalog.register(spec.name, lambda: load_lvis_json(json_file, lvis_root))
+        meta.setdefault("class_image_count", spec.class_image_count)
+        MetadataCatalog.get(spec.name).set(json_file=json_file, image_root=lvis_root,
+                                           evaluator_type="lvis", **meta)
+    else:
+        if spec.name in BUILTIN:
+            meta = _get_builtin_metadata("coco")
+        else:
+            meta = {"thing_classes": spec.thing_classes,
+                    "thing_dataset_id_to_contiguous_id": spec.id_map}
+        DatasetCatalog.register(spec.name,
+                                lambda: load_coco_json(json_file, image_root, spec.name))
+        MetadataCatalog.get(spec.name).set(json_file=json_file, image_root=image_root,
+                                           evaluator_type="coco",
+                                           class_image_count=spec.class_image_count, **meta)
+    return spec.name

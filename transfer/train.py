@@ -1,0 +1,268 @@
+"""Fine-tune and evaluate detectors from a converted checkpoint with Detectron2.
+
+:func:`run_training` and :func:`run_evaluation` are the Python API behind
+``m2t-transfer train`` / ``eval``. Both check their input first in the calling process
+(config, datasets, weights: see :func:`prepare`), then start the work through Detectron2's
+``launch`` (one process per GPU, several machines with ``--num-machines/--machine-rank/
+--dist-url``) on its ``DefaultTrainer``: its hooks give LR schedule, PreciseBN, periodic
+checkpoints, evaluation after the last iteration, and the writers (progress line with
+losses and ETA, ``metrics.json``, TensorBoard). The main process then writes
+``results.json`` and ``report.md`` into the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
+from detectron2.utils import comm
+
+from . import (
+    compat,  # noqa: F401  (np.float for the lvis package, also in spawned workers)
+    modeling,  # noqa: F401  (registers FCOS and Res5ROIHeadsExtraNorm)
+)
+from .config import config_label, load_config, num_classes_key, resolve_config, set_key
+from .datasets import DatasetSpec, register_dataset, resolve_dataset
+from .errors import TransferError
+from .report import write_run_results
+from .weights import check_weights
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` evaluating with COCO's or LVIS's official API per dataset."""
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str,
+                        output_folder: str | None = None) -> DatasetEvaluator:
+        folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference",
+                                               Path(dataset_name).stem)
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        if MetadataCatalog.get(dataset_name).evaluator_type == "lvis":
+            return LVISEvaluator(dataset_name, tasks, output_dir=folder,
+                                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+        # The pure-Python Detectron2 has no C++ COCOeval: use the official pycocotools one.
+        return COCOEvaluator(dataset_name, tasks, output_dir=folder, use_fast_impl=False)
+
+
+@dataclass
+class Job:
+    """Everything a worker process needs (picklable for ``launch``'s spawned processes)."""
+
+    task: str  # "train" or "eval"
+    cfg: CfgNode
+    datasets: list[DatasetSpec]
+    config_file: str
+    info: dict[str, Any]
+    resume: bool = False
+
+
+def prepare(
+    task: str,
+    config: str,
+    weights: str,
+    *,
+    overrides: Sequence[str] = (),
+    train_dataset: str | None = None,
+    test_dataset: str | None = None,
+    dataset_root: str | None = None,
+    train_images: str | None = None,
+    test_images: str | None = None,
+    output_dir: str | None = None,
+    method: str | None = None,
+    world_size: int = 1,
+    resume: bool = False,
+) -> Job:
+    """Check all input of a train/eval run and build its final, frozen config.
+
+    Raises :class:`TransferError` (one line, naming the offending path) on bad input:
+    unknown config, bad override, missing dataset root/JSON/images, a JSON not in COCO
+    format, weights that do not fit the backbone.
+    """
+    config_file = resolve_config(config)
+    cfg = load_config(config, overrides, world_size=world_size)
+    if train_dataset:
+        cfg.DATASETS.TRAIN = (train_dataset,)
+    if test_dataset:
+        cfg.DATASETS.TEST = (test_dataset,)
+    if not cfg.DATASETS.TEST:
+        raise TransferError(config_file, "DATASETS.TEST is empty: nothing to evaluate on")
+
+    datasets: dict[str, DatasetSpec] = {}
+    train_specs = []
+    if task == "train":
+        if not cfg.DATASETS.TRAIN:
+            raise TransferError(config_file, "DATASETS.TRAIN is empty: nothing to train on")
+        train_specs = [resolve_dataset(s, dataset_root, train_images) for s in cfg.DATASETS.TRAIN]
+    test_specs = [resolve_dataset(s, dataset_root, test_images) for s in cfg.DATASETS.TEST]
+    for spec in train_specs + test_specs:
+        datasets[spec.name] = spec
+    cfg.DATASETS.TRAIN = tuple(s.name for s in train_specs) or cfg.DATASETS.TRAIN
+    cfg.DATASETS.TEST = tuple(s.name for s in test_specs)
+
+    reference = (train_specs or test_specs)[0]
+    for spec in train_specs + test_specs:
+        if spec.thing_classes != reference.thing_classes:
+            raise TransferError(spec.json_file, f"its {spec.num_classes} categories differ from "
+                                                f"the {reference.num_classes} of "
+                                                f"{reference.json_file}")
+    if cfg.MODEL.MASK_ON:
+        for spec in train_specs:
+            if not spec.has_masks:
+                raise TransferError(spec.json_file, "annotations without segmentation masks, but "
+                                                    f"{config_file.stem} trains a mask head; use a "
+                                                    "box-only config such as fcos_R_50_FPN_1x")
+    set_key(cfg, num_classes_key(cfg), reference.num_classes)
+
+    weights_path = Path(weights).expanduser()
+    if not weights_path.is_file():
+        raise TransferError(weights_path, "weights file not found")
+    cfg.MODEL.WEIGHTS = str(weights_path.resolve())
+    cfg.TRANSFER.METHOD = method or cfg.TRANSFER.METHOD or weights_path.stem
+    label = config_label(config)
+    seed_part = f"seed{cfg.SEED}" if cfg.SEED >= 0 else ""
+    cfg.OUTPUT_DIR = str(Path(output_dir) if output_dir else
+                         Path("output", "transfer", label, cfg.TRANSFER.METHOD, seed_part))
+    check_weights(cfg, cfg.MODEL.WEIGHTS, label)
+    cfg.freeze()
+
+    info = {
+        "method": cfg.TRANSFER.METHOD,
+        "config": label,
+        "config_file": str(config_file),
+        "weights": cfg.MODEL.WEIGHTS,
+        "seed": cfg.SEED,
+        "train_datasets": list(cfg.DATASETS.TRAIN) if task == "train" else [],
+        "test_dataset": cfg.DATASETS.TEST[0],
+        "iterations": cfg.SOLVER.MAX_ITER if task == "train" else 0,
+        "total_batch": cfg.SOLVER.IMS_PER_BATCH,
+        "base_lr": cfg.SOLVER.BASE_LR,
+        "world_size": world_size,
+    }
+    return Job(task=task, cfg=cfg, datasets=list(datasets.values()),
+               config_file=str(config_file), info=info, resume=resume)
+
+
+def run_job(job: Job) -> None:
+    """The body of every worker process: train (then test) or only test, then write results."""
+    for spec in job.datasets:
+        register_dataset(spec)
+    cfg = job.cfg
+    default_setup(cfg, argparse.Namespace(config_file=job.config_file, task=job.task,
+                                          weights=cfg.MODEL.WEIGHTS, resume=job.resume))
+    if job.task == "train":
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=job.resume)
+        trainer.train()
+        raw = getattr(trainer, "_last_eval_results", None)
+        if raw is None:  # no evaluation happened (e.g. resumed after the last iteration)
+            raw = Trainer.test(cfg, trainer.model)
+    else:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
+        raw = Trainer.test(cfg, model)
+    if comm.is_main_process():
+        per_dataset = _per_dataset(cfg, raw)
+        info = dict(job.info)
+        if len(per_dataset) > 1:
+            info["per_dataset"] = per_dataset
+        write_run_results(cfg.OUTPUT_DIR, per_dataset[cfg.DATASETS.TEST[0]], info)
+
+
+def _per_dataset(cfg: CfgNode, raw: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """``DefaultTrainer.test`` un-nests a single dataset's results; nest them back."""
+    if len(cfg.DATASETS.TEST) == 1:
+        return {cfg.DATASETS.TEST[0]: raw}
+    return {name: raw[name] for name in cfg.DATASETS.TEST}
+
+
+def _launch(job: Job, num_gpus: int, num_machines: int, machine_rank: int,
+            dist_url: str) -> dict[str, Any]:
+    launch(run_job, num_gpus, num_machines=num_machines, machine_rank=machine_rank,
+           dist_url=dist_url, args=(job,))
+    results = Path(job.cfg.OUTPUT_DIR) / "results.json"
+    if machine_rank != 0 or not results.is_file():
+        return {}
+    import json
+
+    return json.loads(results.read_text())
+
+
+def run_training(
+    config: str,
+    weights: str,
+    *,
+    output_dir: str | None = None,
+    overrides: Sequence[str] = (),
+    train_dataset: str | None = None,
+    test_dataset: str | None = None,
+    dataset_root: str | None = None,
+    train_images: str | None = None,
+    test_images: str | None = None,
+    method: str | None = None,
+    num_gpus: int = 1,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str = "auto",
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune ``config`` from ``weights``, evaluate, and return the run's results.
+
+    Args:
+        config: a shipped config name (``mask_rcnn_R_50_FPN_1x``) or a YAML path.
+        weights: a Detectron2 ``.pkl`` from ``m2t-convert`` (or any Detectron2 checkpoint).
+        output_dir: the run directory (default ``output/transfer/<config>/<method>[/seedN]``).
+        overrides: ``KEY VALUE`` pairs for the config, e.g. ``["SOLVER.MAX_ITER", "100"]``.
+        train_dataset / test_dataset: replace ``DATASETS.TRAIN`` / ``DATASETS.TEST`` by one
+            builtin name or annotation-JSON path each.
+        dataset_root: where builtin datasets live (default ``$DETECTRON2_DATASETS``).
+        train_images / test_images: image folders of datasets given by JSON path.
+        method: the label of the pretraining method in reports (default: weights file stem).
+        num_gpus: processes per machine; num_machines, machine_rank, dist_url: multi-node.
+        resume: continue from the last checkpoint in ``output_dir``.
+
+    Returns:
+        the content of ``results.json`` (``{"bbox": {"AP": ...}, "segm": {...}, "method":
+        ..., ...}``); empty on machines other than rank 0.
+    """
+    job = prepare("train", config, weights, overrides=overrides, train_dataset=train_dataset,
+                  test_dataset=test_dataset, dataset_root=dataset_root,
+                  train_images=train_images, test_images=test_images, output_dir=output_dir,
+                  method=method, world_size=num_gpus * num_machines, resume=resume)
+    return _launch(job, num_gpus, num_machines, machine_rank, dist_url)
+
+
+def run_evaluation(
+    config: str,
+    weights: str,
+    *,
+    output_dir: str | None = None,
+    overrides: Sequence[str] = (),
+    test_dataset: str | None = None,
+    dataset_root: str | None = None,
+    test_images: str | None = None,
+    method: str | None = None,
+    num_gpus: int = 1,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate trained ``weights`` (e.g. ``model_final.pth``) with ``config``'s test set.
+
+    Same arguments and return value as :func:`run_training`, without the training ones.
+    """
+    job = prepare("eval", config, weights, overrides=overrides, test_dataset=test_dataset,
+                  dataset_root=dataset_root, test_images=test_images, output_dir=output_dir,
+                  method=method, world_size=num_gpus * num_machines)
+    return _launch(job, num_gpus, num_machines, machine_rank, dist_url)
