@@ -97,6 +97,7 @@ class Contents:
     backbones: list[Backbone]
     wrappers: list[str]
     keys: list[str]              # every tensor key in the file, flattened
+    canonical: list[str]         # the same keys with wrappers stripped
     meta: dict[str, Any] = field(default_factory=dict)  # our format: method, arch, step, ...
 
     @property
@@ -145,8 +146,10 @@ def scan(obj: Any) -> Contents:
     seen: set[str] = set()
     groups: dict[str, dict[str, torch.Tensor]] = {}
     found_as: dict[str, str] = {}
+    canonical_keys: list[str] = []
     for key, tensor in flat.items():
         canonical = _strip_wrappers(key, seen)
+        canonical_keys.append(canonical)
         split = split_torchvision_key(canonical)
         if split is None:
             continue
@@ -178,7 +181,31 @@ def scan(obj: Any) -> Contents:
             if isinstance(train, Mapping) and train.get("export_branch") in ("teacher", "student"):
                 meta["export_branch"] = train["export_branch"]
     order = [wrapper for wrapper in WRAPPERS if wrapper in seen]
-    return Contents(backbones, order, list(flat), meta)
+    return Contents(backbones, order, list(flat), canonical_keys, meta)
+
+
+def not_exported(contents: Contents, selection: Selection) -> dict[str, int]:
+    """Tensors of the file left out, grouped by name: {'fc': 2, 'encoder_q': 318, ...}.
+
+    Groups are the first key segment, or the first two inside the exported prefix's own
+    top-level entry (``encoder_k.fc``, ``teacher.projector``).
+    """
+    prefix = selection.backbone.prefix
+    exported = {prefix + name for name in selection.backbone.tensors}
+    head = prefix.split(".")[0]
+    groups: dict[str, int] = {}
+    for key in contents.canonical:
+        if key in exported:
+            continue
+        parts = key.split(".")
+        if prefix and key.startswith(prefix):
+            group = prefix + parts[prefix.count(".")]
+        elif head and parts[0] == head and len(parts) > 2:
+            group = ".".join(parts[:2])
+        else:
+            group = parts[0] if len(parts) > 1 else key
+        groups[group] = groups.get(group, 0) + 1
+    return groups
 
 
 def no_resnet_message(contents: Contents) -> str:
@@ -186,7 +213,8 @@ def no_resnet_message(contents: Contents) -> str:
     if contents.tensor_count == 0:
         return "holds no tensors at all: not a model checkpoint"
     keys = ", ".join(contents.keys[:3])
-    return (f"holds {contents.tensor_count} tensors but no ResNet backbone (no keys like "
+    n = contents.tensor_count
+    return (f"holds {n} tensor{'' if n == 1 else 's'} but no ResNet backbone (no keys like "
             f"'conv1.weight', 'layer1.0.conv1.weight' under any prefix); e.g. {keys}")
 
 

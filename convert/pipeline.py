@@ -233,6 +233,7 @@ def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = Non
         "structure": found,
         "tensors_written": written,
         "tensors_in_file": contents.tensor_count,
+        "not_exported": layouts.not_exported(contents, selection),
         "momentum_bn_counters_dropped": selection.dropped_counters,
         "torchvision_missing": missing,
         "torchvision_unexpected": unexpected,
@@ -255,14 +256,16 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     if summary["note"]:
         lines.append(f"          {summary['note']}")
     lines.append(f"arch:     {summary['arch']} ({summary['structure']})")
-    dropped = summary["tensors_in_file"] - summary["tensors_written"]
     what = "Detectron2 pickle" if summary["format"] == "d2" else "torchvision state dict"
-    lines.append(f"wrote:    {summary['output']}: {what}, {summary['tensors_written']} tensors "
-                 f"({dropped} other tensors of the file not exported: projector, predictor, "
-                 f"fc, other branch, training state"
-                 + (", num_batches_tracked" if summary["format"] == "d2" else "")
-                 + (f"; {summary['momentum_bn_counters_dropped']} momentum-BN counters"
-                    if summary["momentum_bn_counters_dropped"] else "") + ")")
+    lines.append(f"wrote:    {summary['output']}: {what}, {summary['tensors_written']} tensors")
+    dropped = [f"{group} ({count})" for group, count in summary["not_exported"].items()]
+    if summary["momentum_bn_counters_dropped"]:
+        dropped.append(f"momentum-BN step/total_steps ({summary['momentum_bn_counters_dropped']})")
+    if summary["format"] == "d2":
+        dropped.append("num_batches_tracked (Detectron2 pickles carry none)")
+    if dropped:
+        shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
+        lines.append(f"dropped:  {shown}")
     if summary["format"] == "torchvision":
         missing = ", ".join(summary["torchvision_missing"]) or "nothing"
         lines.append(f"torchvision.models.{summary['arch']}() loads it; missing: {missing}"

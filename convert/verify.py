@@ -141,7 +141,7 @@ def build_detectron2_backbone(arch: str, norm: str = "BN") -> torch.nn.Module:
 def _torchvision_stages(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
     out = {}
-    for stage, layer in zip(STAGES, (model.layer1, model.layer2, model.layer3, model.layer4)):
+    for stage, layer in zip(STAGES, (model.layer1, model.layer2, model.layer3, model.layer4), strict=True):
         x = layer(x)
         out[stage] = x
     return out
