@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from . import archs
-from .errors import ConversionError
+from .errors import ConversionError, ConversionWarning
 from .pipeline import FORMATS, VerificationError, convert_checkpoint, summary_lines
 
 
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("always")
+            warnings.simplefilter("ignore")  # library chatter (torch, Detectron2) is not for users
+            warnings.simplefilter("always", ConversionWarning)
             warnings.showwarning = _warn
             summary = convert_checkpoint(args.input, args.output, branch=args.branch,
                                          fmt=args.fmt, arch=args.arch, force=args.force,
@@ -73,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _warn(message: Warning | str, category: type[Warning], filename: str, lineno: int,
           file: object = None, line: str | None = None) -> None:
-    """Warnings as one 'warning: ...' line, not Python's two-line format with source."""
-    if issubclass(category, (UserWarning,)) and "m2t" not in str(message) and \
-            "--unsafe-load" not in str(message):
-        return  # library chatter (e.g. torch's pickle-protocol notes) is not for the user
+    """Our warnings as one 'warning: ...' line, not Python's two-line format with source."""
     print(f"warning: {message}", file=sys.stderr)
 
 

@@ -20,3 +20,7 @@ class ConversionError(Exception):
         super().__init__(f"{path}: {message}")
         self.path = str(path)
         self.message = message
+
+
+class ConversionWarning(UserWarning):
+    """Something the user should know that does not stop the conversion (``--unsafe-load``)."""

@@ -21,7 +21,7 @@ from typing import IO, Any
 import torch
 from iopath.common.file_io import g_pathmgr
 
-from .errors import ConversionError
+from .errors import ConversionError, ConversionWarning
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # torch.save before 1.6: pickle protocol 2 + magic number
@@ -75,7 +75,7 @@ def _torch_load(f: IO[bytes], path: str, unsafe: bool) -> Any:
                       f"(weights-only) loading refuses; if you trust the file, pass "
                       f"--unsafe-load") from None
     warnings.warn(f"{path}: loading with weights_only=False (--unsafe-load): this runs any code "
-                  f"the file's pickle contains", stacklevel=3)
+                  f"the file's pickle contains", ConversionWarning, stacklevel=3)
     f.seek(0)
     try:
         return torch.load(f, map_location="cpu", weights_only=False)

@@ -176,10 +176,11 @@ def scan(obj: Any) -> Contents:
     if isinstance(obj, Mapping) and obj.get("format") == OUR_FORMAT:
         meta = {k: obj.get(k) for k in ("format", "version", "method", "arch", "step", "epoch")}
         config = obj.get("config")
-        if isinstance(config, Mapping):
-            train = config.get("train")
-            if isinstance(train, Mapping) and train.get("export_branch") in ("teacher", "student"):
-                meta["export_branch"] = train["export_branch"]
+        train = config.get("train") if isinstance(config, Mapping) else None
+        for source in (obj, train if isinstance(train, Mapping) else {}):
+            if source.get("export_branch") in ("teacher", "student"):
+                meta["export_branch"] = source["export_branch"]
+                break
     order = [wrapper for wrapper in WRAPPERS if wrapper in seen]
     return Contents(backbones, order, list(flat), canonical_keys, meta)
 

@@ -82,7 +82,7 @@ def test_verification_fails_when_weights_are_wrong(r18_file: Path, r18_pair: tup
         model[a], model[b] = model[b], model[a]
     swapped = tmp_path / "swapped.pkl"
     swapped.write_bytes(pickle.dumps(data))
-    report = verify_detectron2(swapped, "resnet18", reference=r18_pair[0])
+    report = verify_detectron2(swapped, "resnet18", reference=r18_pair[0], image_size=32)
     assert report.loaded == report.model_tensors and not report.unmatched
     assert report.max_diff > 1e-3 and not report.ok
 
@@ -92,7 +92,7 @@ def test_verification_fails_when_weights_are_wrong(r18_file: Path, r18_pair: tup
     model["res9.0.conv1.weight"] = model["res2.0.conv1.weight"]
     broken = tmp_path / "broken.pkl"
     broken.write_bytes(pickle.dumps(data))
-    report = verify_detectron2(broken, "resnet18", reference=r18_pair[0])
+    report = verify_detectron2(broken, "resnet18", reference=r18_pair[0], image_size=32)
     assert "res3.1.conv2.weight" in report.not_loaded
     assert "res4.0.conv1.weight" in report.mis_shaped
     assert "res9.0.conv1.weight" in report.unmatched
