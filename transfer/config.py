@@ -19,6 +19,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import DefaultTrainer
 
+from . import modeling  # noqa: F401  (registers the parts our configs name: FCOS, ...)
 from .errors import TransferError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "transfer"

@@ -107,6 +107,11 @@ def evaluate_predictions(
         AP75, APs, APm, APl in percent, plus APr, APc, APf for LVIS; ``None`` where the
         ground truth has nothing to measure.
     """
+    if output_dir is not None and isinstance(predictions, (str, Path)):
+        target = Path(output_dir) / "results.json"
+        if target.resolve() == Path(predictions).resolve():
+            raise TransferError(predictions, "--output-dir would overwrite the predictions file "
+                                             "with the metrics; choose another folder")
     spec = dataset if isinstance(dataset, DatasetSpec) else resolve_dataset(
         dataset, root=dataset_root, check_images=False)
     if isinstance(predictions, (str, Path)):

@@ -13,6 +13,7 @@ losses and ETA, ``metrics.json``, TensorBoard). The main process then writes
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -129,7 +130,7 @@ def prepare(
     if not weights_path.is_file():
         raise TransferError(weights_path, "weights file not found")
     cfg.MODEL.WEIGHTS = str(weights_path.resolve())
-    cfg.TRANSFER.METHOD = method or cfg.TRANSFER.METHOD or weights_path.stem
+    cfg.TRANSFER.METHOD = method or cfg.TRANSFER.METHOD or _method_of(weights_path)
     label = config_label(config)
     seed_part = f"seed{cfg.SEED}" if cfg.SEED >= 0 else ""
     cfg.OUTPUT_DIR = str(Path(output_dir) if output_dir else
@@ -152,6 +153,17 @@ def prepare(
     }
     return Job(task=task, cfg=cfg, datasets=list(datasets.values()),
                config_file=str(config_file), info=info, resume=resume)
+
+
+def _method_of(weights: Path) -> str:
+    """The method label of a weights file: its run's label if it lies in a run directory."""
+    previous = weights.parent / "results.json"
+    if previous.is_file():
+        try:
+            return str(json.loads(previous.read_text())["method"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    return weights.stem
 
 
 def run_job(job: Job) -> None:
@@ -194,8 +206,6 @@ def _launch(job: Job, num_gpus: int, num_machines: int, machine_rank: int,
     results = Path(job.cfg.OUTPUT_DIR) / "results.json"
     if machine_rank != 0 or not results.is_file():
         return {}
-    import json
-
     return json.loads(results.read_text())
 
 
