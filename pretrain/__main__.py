@@ -46,7 +46,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shorthand for train.device=...")
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.epochs=5 data.batch_size=64")
+    for name, what in (("knn", "kNN top-1 (cosine, temperature-weighted votes)"),
+                       ("linear", "linear probe top-1/top-5 on frozen features")):
+        e = sub.add_parser(name, help=f"{what} of a run's teacher and/or student backbone")
+        e.add_argument("run", help="run directory, checkpoint .pth, or 'random' for a "
+                                   "randomly initialised backbone (the floor)")
+        e.add_argument("--train", required=True, help="labelled ImageFolder (memory bank / "
+                                                      "training set)")
+        e.add_argument("--val", required=True, help="labelled ImageFolder to score")
+        e.add_argument("--branch", choices=("teacher", "student", "both"), default="both")
+        e.add_argument("--arch", default="resnet18", help="architecture for 'random'")
+        e.add_argument("--image-size", type=int, help="default: the run's data.image_size")
+        e.add_argument("--device", default="cpu")
+        if name == "knn":
+            e.add_argument("--k", type=int, default=20)
+            e.add_argument("--temperature", type=float, default=0.07)
+        else:
+            e.add_argument("--epochs", type=int, default=100)
+            e.add_argument("--lr", type=float, default=0.1)
+            e.add_argument("--no-bn", action="store_true", help="no BN1d before the linear layer")
     return parser
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import evaluate as ev
+
+    rows = []
+    branches = ["teacher", "student"] if args.branch == "both" else [args.branch]
+    for branch in (["random"] if args.run == "random" else branches):
+        if args.run == "random":
+            backbone, size, step = ev.random_backbone(args.arch), args.image_size or 32, 0
+        else:
+            backbone, info = ev.load_backbone(args.run, branch)
+            size, step = args.image_size or info["config"].data.image_size, info["step"]
+        if args.command == "knn":
+            res = ev.knn_eval(backbone, args.train, args.val, size, args.k, args.temperature,
+                              args.device)
+        else:
+            res = ev.linear_eval(backbone, args.train, args.val, size, args.epochs, args.lr,
+                                 not args.no_bn, args.device)
+        row = {"eval": args.command, "branch": branch, "step": step, **res}
+        rows.append(row)
+        if args.run != "random":
+            ev.append_metrics(args.run, row)
+    cols = ["branch", "step"] + [k for k in rows[0] if k.startswith(("knn_top", "linear_top"))]
+    print(ev.format_table(rows, cols))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -73,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train}[args.command](args)
+        return {"train": cmd_train, "knn": cmd_eval, "linear": cmd_eval}[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

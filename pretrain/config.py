@@ -27,7 +27,8 @@ class ModelConfig:
     proj_dim: int = 256
     base_momentum: float | None = None  # teacher EMA m0; None → the method's default
     double_variance_correction: bool = False  # the authors' extra n/(n-1) on the variance
-    residual_weight: float = 0.0         # λ of the residual-momentum term (0 = off)
+    residual: bool = False               # residual-momentum add-on (SPEC §1.5)
+    residual_weight: float = 1.0         # its weight λ
     sync_bn: bool = False                # SyncBN in student and teacher (byol only)
 
 
@@ -88,6 +89,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("none", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.export_branch": ("teacher", "student"),
+    "model.method": ("m2t", "byol", "eman", "projector_only"),
 }
 
 

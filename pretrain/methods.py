@@ -7,6 +7,8 @@ how its BatchNorm gets statistics; each class overrides just that.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from fvcore.common.registry import Registry
 from torch import nn
@@ -49,7 +51,7 @@ class StudentTeacher(nn.Module):
         self.cfg = cfg
         self.total_steps = total_steps
         self.base_momentum = m.base_momentum if m.base_momentum is not None else self.default_momentum
-        self.residual_weight = m.residual_weight
+        self.residual_weight = m.residual_weight if m.residual else 0.0
         self.student = Student(m.arch, m.proj_hidden_dim, m.proj_dim)
         self.teacher = self._make_teacher()
         for p in self.teacher.parameters():
@@ -139,6 +141,67 @@ class M2T(StudentTeacher):
         return mods[0].alpha if mods else float("nan")
 
 
+@register("eman")
+class EMAN(StudentTeacher):
+    """EMAN: the teacher runs in eval mode; its BN statistics are an EMA of the student's.
+
+    The running mean/var follow the same m_k as the weights; ``num_batches_tracked`` is copied.
+    The teacher's BN therefore never normalises with batch statistics.
+    """
+
+    default_momentum = 0.996
+
+    def __init__(self, cfg: Config, total_steps: int) -> None:
+        super().__init__(cfg, total_steps)
+        self._stat_pairs = self._bn_stat_pairs()
+
+    def _bn_stat_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
+        t_bns = [m for m in self.teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        s_bns = [m for m in (*self.student.backbone.modules(), *self.student.projector.modules())
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        stats_t = [b for m in t_bns for b in (m.running_mean, m.running_var)]
+        stats_s = [b for m in s_bns for b in (m.running_mean, m.running_var)]
+        counters = [(t.num_batches_tracked, s.num_batches_tracked) for t, s in zip(t_bns, s_bns, strict=True)]
+        return stats_t, stats_s, counters
+
+    def train(self, mode: bool = True) -> EMAN:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def update_teacher(self, step: int) -> float:
+        m = super().update_teacher(step)
+        stats_t, stats_s, counters = self._stat_pairs
+        update_ema(stats_t, stats_s, momentum=m)
+        with torch.no_grad():
+            for t, s in counters:
+                t.copy_(s)
+        return m
+
+
+@register("projector_only")
+class ProjectorOnly(M2T):
+    """Projector-only momentum: the teacher is a momentum projector (momentum BN) applied to
+    the detached student backbone features; no teacher backbone pass. Exports the student."""
+
+    has_teacher_backbone = False
+
+    def _make_teacher(self) -> nn.Module:
+        if self.cfg.model.residual:
+            from .errors import UserError
+
+            raise UserError("model.residual needs a teacher backbone; projector_only has none")
+        projector = copy.deepcopy(self.student.projector)
+        return nn.ModuleDict({"projector": convert_to_momentum_bn(
+            projector, self.total_steps, self.cfg.model.double_variance_correction)})
+
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return list(self.teacher.parameters()), list(self.student.projector.parameters())
+
+    def teacher_embed(self, x: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
+        return self.teacher["projector"](student_features)
+
+
 def method_names() -> list[str]:
     return sorted(name for name, _ in METHODS)
 
@@ -155,4 +218,5 @@ def build_method(cfg: Config, total_steps: int) -> StudentTeacher:
     return METHODS.get(key)(cfg, total_steps)
 
 
-__all__ = ["METHODS", "StudentTeacher", "BYOL", "M2T", "build_method", "method_names", "register"]
+__all__ = ["METHODS", "StudentTeacher", "BYOL", "M2T", "EMAN", "ProjectorOnly", "build_method",
+           "method_names", "register"]
