@@ -13,8 +13,8 @@ Command line: ``m2t-convert INPUT OUTPUT [--branch teacher|student] [--format d2
 from __future__ import annotations
 
 from .errors import ConversionError
-from .pipeline import VerificationError, convert_checkpoint, summary_lines
+from .pipeline import VerificationError, convert_checkpoint, read_backbone, summary_lines
 from .verify import VerifyReport, verify_detectron2
 
-__all__ = ["ConversionError", "VerificationError", "VerifyReport", "convert_checkpoint",
+__all__ = ["ConversionError", "VerificationError", "VerifyReport", "convert_checkpoint", "read_backbone",
            "summary_lines", "verify_detectron2"]

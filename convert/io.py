@@ -19,13 +19,17 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from iopath.common.file_io import g_pathmgr
+from iopath.common.file_io import HTTPURLHandler, PathManager
 
 from .errors import ConversionError, ConversionWarning
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # torch.save before 1.6: pickle protocol 2 + magic number
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+#: Local paths, plus http(s)/ftp URLs (downloaded once into iopath's cache).
+PATHS = PathManager()
+PATHS.register_handler(HTTPURLHandler())
 
 
 def is_url(path: str) -> bool:
@@ -41,7 +45,7 @@ def load_checkpoint(path: str, unsafe: bool = False) -> Any:
         if local.is_dir():
             raise ConversionError(path, "is a directory, not a checkpoint file")
     try:
-        with g_pathmgr.open(path, "rb") as f:
+        with PATHS.open(path, "rb") as f:
             head = f.read(4)
             f.seek(0)
             if head != _ZIP_MAGIC and head != _LEGACY_MAGIC:
@@ -51,6 +55,8 @@ def load_checkpoint(path: str, unsafe: bool = False) -> Any:
         raise
     except OSError as e:
         raise ConversionError(path, f"cannot read: {e.strerror or e}") from None
+    except Exception as e:  # iopath handlers raise their own types for URLs they cannot fetch
+        raise ConversionError(path, f"cannot read: {e}") from None
 
 
 def _not_a_checkpoint(head: bytes) -> str:
@@ -85,10 +91,10 @@ def _torch_load(f: IO[bytes], path: str, unsafe: bool) -> Any:
 
 def check_writable(path: Path, force: bool) -> None:
     """Refuse an output that exists (without ``force``) or cannot be written, before any work."""
-    if path.exists() and not force:
-        raise ConversionError(path, "exists; pass --force to overwrite it")
     if path.is_dir():
         raise ConversionError(path, "is a directory; give a file name ending in .pkl or .pth")
+    if path.exists() and not force:
+        raise ConversionError(path, "exists; pass --force to overwrite it")
     parent = path.parent
     if not parent.is_dir():
         raise ConversionError(path, f"cannot write: {parent} is not a directory")

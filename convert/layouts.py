@@ -123,6 +123,8 @@ class Selection:
 def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
     if isinstance(obj, torch.Tensor):
         out[prefix[:-1]] = obj
+    elif isinstance(obj, torch.nn.Module):  # a whole pickled model (only with --unsafe-load)
+        _flatten(obj.state_dict(), prefix, out)
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
             if isinstance(key, str):  # optimizer states are keyed by int: not weights

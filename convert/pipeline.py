@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -116,35 +117,22 @@ def detectron2_payload(state: Mapping[str, torch.Tensor], meta: dict[str, Any]) 
             "m2t_convert": meta}
 
 
-def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = None,
-                       fmt: str | None = None, arch: str | None = None, force: bool = False,
-                       verify: bool = False, prefix: str | None = None,
-                       unsafe_load: bool = False) -> dict[str, Any]:
-    """Convert the ResNet backbone in ``input`` to Detectron2 (.pkl) or torchvision (.pth).
+@dataclass
+class FoundBackbone:
+    """A checkpoint's chosen backbone as a torchvision state dict, and how it was found."""
 
-    ``branch``: "teacher" or "student"; None takes the checkpoint's own preference, else the
-    teacher. ``fmt``: "d2" or "torchvision"; None goes by the extension. ``arch``: the
-    expected architecture, checked against the one detected from the tensors. ``verify``:
-    prove the result with Detectron2 (``verify_detectron2``) before it takes its name.
-    ``prefix``: pick the backbone under this key prefix when the layout is not recognised.
+    contents: layouts.Contents
+    selection: layouts.Selection
+    arch: str
+    state: dict[str, torch.Tensor]   # torchvision keys and order, float32, no fc
 
-    Raises ``ConversionError`` (``VerificationError`` for a failed proof) with a sentence a
-    user can act on; on any error no output file is left behind. Returns the summary (plain
-    data; ``summary_lines`` renders it).
+
+def read_backbone(source: str, branch: str | None = None, arch: str | None = None,
+                  prefix: str | None = None, unsafe_load: bool = False) -> FoundBackbone:
+    """Load ``source``, choose the backbone, name its architecture and check every tensor.
+
+    Raises ``ConversionError`` saying what was expected and what was found.
     """
-    started = time.perf_counter()
-    source, out = str(input), Path(output)
-    if branch not in (None, "teacher", "student"):
-        raise ConversionError(source, f"unknown branch {branch!r}; choose teacher or student")
-    if arch is not None and arch not in archs.RESNETS:
-        raise ConversionError(source, f"unknown --arch {arch!r}; choose one of "
-                                      f"{', '.join(archs.RESNETS)}")
-    chosen_format = output_format(out, fmt)
-    sidecar = sidecar_path(out) if chosen_format == "d2" else None
-    check_writable(out, force)
-    if sidecar is not None:
-        check_writable(sidecar, force)
-
     contents = layouts.scan(load_checkpoint(source, unsafe=unsafe_load))
     if not contents.backbones:
         other = layouts.other_architecture(contents.keys)
@@ -174,8 +162,42 @@ def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = Non
     if problems:
         raise ConversionError(source, f"backbone {selection.backbone.describe()} is not a "
                                       f"torchvision {detected}: {'; '.join(problems)}")
+    return FoundBackbone(contents, selection, detected, _backbone_state(tensors, detected))
 
-    state = _backbone_state(tensors, detected)
+
+def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = None,
+                       fmt: str | None = None, arch: str | None = None, force: bool = False,
+                       verify: bool = False, prefix: str | None = None,
+                       unsafe_load: bool = False) -> dict[str, Any]:
+    """Convert the ResNet backbone in ``input`` to Detectron2 (.pkl) or torchvision (.pth).
+
+    ``branch``: "teacher" or "student"; None takes the checkpoint's own preference, else the
+    teacher. ``fmt``: "d2" or "torchvision"; None goes by the extension. ``arch``: the
+    expected architecture, checked against the one detected from the tensors. ``verify``:
+    prove the result with Detectron2 (``verify_detectron2``) before it takes its name.
+    ``prefix``: pick the backbone under this key prefix when the layout is not recognised.
+
+    Raises ``ConversionError`` (``VerificationError`` for a failed proof) with a sentence a
+    user can act on; on any error no output file is left behind. Returns the summary (plain
+    data; ``summary_lines`` renders it).
+    """
+    started = time.perf_counter()
+    source, out = str(input), Path(output)
+    if branch not in (None, "teacher", "student"):
+        raise ConversionError(source, f"unknown branch {branch!r}; choose teacher or student")
+    if arch is not None and arch not in archs.RESNETS:
+        raise ConversionError(source, f"unknown --arch {arch!r}; choose one of "
+                                      f"{', '.join(archs.RESNETS)}")
+    chosen_format = output_format(out, fmt)
+    sidecar = sidecar_path(out) if chosen_format == "d2" else None
+    check_writable(out, force)
+    if sidecar is not None:
+        check_writable(sidecar, force)
+
+    found = read_backbone(source, branch=branch, arch=arch, prefix=prefix,
+                          unsafe_load=unsafe_load)
+    contents, selection, detected = found.contents, found.selection, found.arch
+    state = found.state
     missing, unexpected = torchvision_load_report(state, detected)
     meta = {"source": source, "branch": selection.branch, "arch": detected,
             "prefix": selection.backbone.found_as}
@@ -230,7 +252,7 @@ def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = Non
         "branch": selection.branch,
         "note": selection.note,
         "arch": detected,
-        "structure": found,
+        "structure": archs.describe(*archs.RESNETS[detected]),
         "tensors_written": written,
         "tensors_in_file": contents.tensor_count,
         "not_exported": layouts.not_exported(contents, selection),
@@ -271,8 +293,10 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
         lines.append(f"torchvision.models.{summary['arch']}() loads it; missing: {missing}"
                      + (f"; unexpected: {summary['torchvision_unexpected']}"
                         if summary["torchvision_unexpected"] else ""))
-    lines.append("Detectron2 config the weights require"
-                 + (f" (also in {summary['config_yaml']}):" if summary["config_yaml"] else ":"))
+    if summary["config_yaml"]:
+        lines.append(f"Detectron2 config the weights require (also in {summary['config_yaml']}):")
+    else:
+        lines.append("Detectron2 config these weights require once converted to a .pkl:")
     lines += ["  " + line for line in summary["detectron2_config"].splitlines()]
     lines += [f"verify:   {line}" for line in summary["verify_lines"]]
     return lines

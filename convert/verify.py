@@ -115,8 +115,13 @@ def _captured_logs(names: tuple[str, ...]) -> Iterator[list[logging.LogRecord]]:
             logger.setLevel(level)
 
 
-def build_detectron2_backbone(arch: str, norm: str = "BN") -> torch.nn.Module:
-    """A holder whose ``backbone`` is Detectron2's ResNet-FPN for ``arch``, in eval mode."""
+def build_detectron2_backbone(arch: str, norm: str = "BN",
+                              initialise: bool = True) -> torch.nn.Module:
+    """A holder whose ``backbone`` is Detectron2's ResNet-FPN for ``arch``, in eval mode.
+
+    ``initialise=False`` skips Detectron2's weight initialisation (the memory is left
+    uninitialised): for a model whose every tensor is about to be loaded, and checked.
+    """
     try:
         from detectron2.config import get_cfg
         from detectron2.modeling import build_backbone
@@ -134,7 +139,12 @@ def build_detectron2_backbone(arch: str, norm: str = "BN") -> torch.nn.Module:
     cfg.MODEL.RESNETS.OUT_FEATURES = list(STAGES)
     cfg.MODEL.FPN.IN_FEATURES = list(STAGES)
     holder = torch.nn.Module()
-    holder.backbone = build_backbone(cfg)
+    if initialise:
+        holder.backbone = build_backbone(cfg)
+    else:
+        with torch.device("meta"):
+            holder.backbone = build_backbone(cfg)
+        holder.to_empty(device="cpu")
     return holder.eval()
 
 
@@ -165,9 +175,16 @@ def verify_detectron2(pkl_path: str | Path, arch: str,
 
     path = str(pkl_path)
     report = VerifyReport(path=path, arch=arch, norm=norm, image_size=image_size)
-    holder = build_detectron2_backbone(arch, norm)
-    with open(path, "rb") as f:
-        stored = pickle.load(f, encoding="latin1")["model"]
+    # Uninitialised: a tensor the file does not provide is reported as not loaded either way.
+    holder = build_detectron2_backbone(arch, norm, initialise=False)
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise ConversionError(path, f"cannot read as a Detectron2 pickle ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ConversionError(path, "not a Detectron2 model pickle (no 'model' dict)")
+    stored = data["model"]
 
     class _Recording(DetectionCheckpointer):
         incompatible: Any = None
@@ -203,8 +220,13 @@ def verify_detectron2(pkl_path: str | Path, arch: str,
 
     if reference is None:
         reference = {detectron2_to_torchvision(k): torch.as_tensor(v) for k, v in stored.items()}
-    tv = getattr(torchvision.models, arch)()
-    tv.load_state_dict(dict(reference), strict=False)
+    with torch.device("meta"):  # no initialisation: every tensor used below is assigned
+        tv = getattr(torchvision.models, arch)()
+    result = tv.load_state_dict(dict(reference), strict=False, assign=True)
+    unset = [k for k in result.missing_keys
+             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    if unset:
+        raise ConversionError(path, f"the torchvision reference lacks {', '.join(unset[:3])}")
     tv.eval()
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, image_size, image_size, generator=generator)

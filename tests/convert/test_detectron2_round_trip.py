@@ -139,10 +139,10 @@ def test_cli_prints_summary_and_writes_detectron2_config(r18_file: Path, tmp_pat
     import yaml
 
     out = tmp_path / "r18.pkl"
-    assert main([str(r18_file), str(out), "--verify", "--arch", "resnet18"]) == 0
+    assert main([str(r18_file), str(out), "--arch", "resnet18"]) == 0
     text = capsys.readouterr().out
     for expected in ("torchvision ResNet state dict", "resnet18", "100 tensors",
-                     "STRIDE_IN_1X1: False", "FORMAT: RGB", "verification passed"):
+                     "STRIDE_IN_1X1: False", "FORMAT: RGB"):
         assert expected in text
     config = yaml.safe_load((tmp_path / "r18.yaml").read_text())
     assert config["MODEL"]["RESNETS"] == {"DEPTH": 18, "STRIDE_IN_1X1": False,

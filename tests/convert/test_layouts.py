@@ -192,3 +192,30 @@ def test_half_precision_checkpoints_are_written_as_float32(r18_pair, tmp_path: P
     out = torch.load(tmp_path / "out.pth", weights_only=True)
     assert out["conv1.weight"].dtype == torch.float32
     assert torch.equal(out["conv1.weight"], teacher["conv1.weight"].half().float())
+
+
+def test_checkpoint_is_read_from_a_url(r18_file: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """iopath reads URLs like paths (served here from a local directory: no internet)."""
+    import functools
+    import http.server
+    import threading
+
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(r18_file.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{r18_file.name}"
+        summary = convert_checkpoint(url, tmp_path / "out.pth")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert summary["input"] == url and summary["arch"] == "resnet18"
+    assert _same(torch.load(tmp_path / "out.pth", weights_only=True),
+                 torch.load(r18_file, weights_only=True))
