@@ -12,7 +12,7 @@ def link_subset(src: Path, dst: Path, classes: int, per_class: int) -> Path:
     for cls in sorted(p.name for p in src.iterdir())[:classes]:
         (dst / cls).mkdir(parents=True)
         for img in sorted((src / cls).iterdir())[:per_class]:
-            os.symlink(img, dst / cls / img.name)
+            os.symlink(img.resolve(), dst / cls / img.name)
     return dst
 
 
