@@ -91,14 +91,16 @@ def write_report(rows: list[dict], out_dir: Path, command: str) -> Path:
              f"device {rows[0].get('device', 'cpu') if rows else 'cpu'}", "",
              "| method | batch/process | seeds | teacher kNN | student kNN | student–teacher gap |",
              "|---|---|---|---|---|---|"]
+
+    def cell(s: dict, key: str) -> str:
+        if key not in s:
+            return "–"
+        return f"{s[key]:.2f} ± {s[key + '_std']:.2f}" if s["seeds"] > 1 else f"{s[key]:.2f}"
+
     for s in summary:
-        def cell(key: str) -> str:
-            if key not in s:
-                return "–"
-            return f"{s[key]:.2f} ± {s[key + '_std']:.2f}" if s["seeds"] > 1 else f"{s[key]:.2f}"
         batch = s["batch"] or "–"
-        lines.append(f"| {s['method']} | {batch} | {s['seeds']} | {cell('knn_teacher')} | "
-                     f"{cell('knn_student')} | {cell('gap')} |")
+        lines.append(f"| {s['method']} | {batch} | {s['seeds']} | {cell(s, 'knn_teacher')} | "
+                     f"{cell(s, 'knn_student')} | {cell(s, 'gap')} |")
     md = out_dir / "small_batch_study.md"
     md.write_text("\n".join(lines) + "\n")
     try:
