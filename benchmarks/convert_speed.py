@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # Detectron2's torch.jit notes
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / f"{args.arch}.pth"
         torch.save(getattr(torchvision.models, args.arch)().state_dict(), source)
