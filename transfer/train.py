@@ -13,10 +13,12 @@ losses and ETA, ``metrics.json``, TensorBoard). The main process then writes
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup, launch
+from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
 from detectron2.utils import comm
 
@@ -42,7 +45,19 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` evaluating with COCO's or LVIS's official API per dataset."""
+    """``DefaultTrainer`` evaluating with COCO's or LVIS's official API per dataset.
+
+    It also runs multi-process on CPUs (gloo): Detectron2 wraps the model in
+    ``DistributedDataParallel(device_ids=[local rank])``, which PyTorch refuses for a CPU
+    module, so on CPU the wrapper is created with ``device_ids=None``.
+    """
+
+    def __init__(self, cfg: CfgNode) -> None:
+        if comm.get_world_size() > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
+            with _cpu_ddp():
+                super().__init__(cfg)
+        else:
+            super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str,
@@ -55,6 +70,17 @@ class Trainer(DefaultTrainer):
                                  max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
         # The pure-Python Detectron2 has no C++ COCOeval: use the official pycocotools one.
         return COCOEvaluator(dataset_name, tasks, output_dir=folder, use_fast_impl=False)
+
+
+@contextlib.contextmanager
+def _cpu_ddp() -> Iterator[None]:
+    """Within the block, Detectron2's ``create_ddp_model`` passes ``device_ids=None``."""
+    original = d2_defaults.create_ddp_model
+    d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
 
 
 @dataclass
@@ -135,6 +161,8 @@ def prepare(
     seed_part = f"seed{cfg.SEED}" if cfg.SEED >= 0 else ""
     cfg.OUTPUT_DIR = str(Path(output_dir) if output_dir else
                          Path("output", "transfer", label, cfg.TRANSFER.METHOD, seed_part))
+    for spec in datasets.values():  # models may read dataset metadata (federated loss)
+        register_dataset(spec)
     check_weights(cfg, cfg.MODEL.WEIGHTS, label)
     cfg.freeze()
 

@@ -21,7 +21,8 @@ TINY = [
     "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
     "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "30",
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-    "MODEL.FCOS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20", "SEED", "0",
+    "MODEL.FCOS.SCORE_THRESH_TEST", "0.0", "MODEL.FCOS.TOPK_CANDIDATES_TEST", "100",
+    "TEST.DETECTIONS_PER_IMAGE", "10", "SEED", "0",
 ]
 
 
@@ -52,13 +53,13 @@ def r18_pkl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def coco_val_subset(coco_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 4 images of coco_mini val2017 as an annotation JSON of their own."""
+    """The first 3 images of coco_mini val2017 as an annotation JSON of their own."""
     data = json.loads((coco_mini / "annotations" / "instances_val2017.json").read_text())
-    images = data["images"][:4]
+    images = data["images"][:3]
     ids = {img["id"] for img in images}
     data["images"] = images
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
-    path = tmp_path_factory.mktemp("val4") / "val4.json"
+    path = tmp_path_factory.mktemp("val3") / "val3.json"
     path.write_text(json.dumps(data))
     return path
 

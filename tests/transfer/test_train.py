@@ -13,10 +13,13 @@ import yaml
 
 from transfer.__main__ import main
 from transfer.evaluate import evaluate_predictions
-from transfer.report import COCO_METRICS
+from transfer.report import COCO_METRICS, LVIS_METRICS
 from transfer.train import run_evaluation, run_training
 
 pytestmark = pytest.mark.slow
+
+#: A ResNet-18 backbone in the R50 configs: the same code path, a quarter of the compute.
+R18 = ("MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64")
 
 
 def _check_metrics(results: dict, tasks: tuple[str, ...]) -> None:
@@ -113,8 +116,7 @@ def test_custom_coco_format_dataset_trains_and_evaluates_by_path(
     results = run_training(
         "mask_rcnn_R_50_FPN_1x", str(r18_pkl), output_dir=str(out),
         train_dataset=str(shapes_dataset), test_dataset=str(shapes_dataset),
-        overrides=(*tiny, "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-                   "MODEL.FPN.OUT_CHANNELS", "128"))
+        overrides=(*tiny, *R18, "MODEL.FPN.OUT_CHANNELS", "128"))
     _check_metrics(results, ("bbox", "segm"))
     assert results["train_datasets"] == [str(shapes_dataset.resolve())]
     config = yaml.safe_load((out / "config.yaml").read_text())
@@ -123,3 +125,27 @@ def test_custom_coco_format_dataset_trains_and_evaluates_by_path(
         (out / "inference" / "annotations" / "coco_instances_results.json").read_text())
     assert detections and {d["category_id"] for d in detections} <= {1, 2, 3}
     assert {d["image_id"] for d in detections} <= set(range(1, 7))
+
+
+
+def test_lvis_mask_rcnn_with_federated_loss_reports_frequency_metrics(
+        lvis_mini: Path, r18_pkl: Path, tiny: tuple[str, ...], tmp_path: Path) -> None:
+    data = json.loads((lvis_mini / "lvis_v0.5_val_subset.json").read_text())
+    keep = {img["id"] for img in data["images"][:3]}
+    data["images"] = [img for img in data["images"] if img["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    subset = tmp_path / "lvis_v0.5_subset.json"
+    subset.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    results = run_training("lvis_v1_mask_rcnn_R_50_FPN_1x_fedloss", str(r18_pkl),
+                           output_dir=str(out), train_dataset=str(subset),
+                           train_images=str(lvis_mini), test_dataset=str(subset),
+                           test_images=str(lvis_mini), overrides=(*tiny, *R18))
+    for task in ("bbox", "segm"):
+        assert set(results[task]) == set(LVIS_METRICS)
+        assert results[task]["AP"] is not None
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 1230  # the v0.5 file's categories
+    log = (out / "log.txt").read_text()
+    assert "Using training sampler RepeatFactorTrainingSampler" in log
+    assert (out / "inference" / subset.stem / "lvis_instances_results.json").is_file()
