@@ -38,10 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val", help="labelled ImageFolder for the kNN monitor (optional)")
     t.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints)")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last.pth (config taken from it)")
+                   help="continue the run in --out from its last.pth (config taken from it); "
+                        "starts afresh when there is none yet, so a restarted job resumes")
     t.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="stop (with a checkpoint) after N steps of this invocation, e.g. to fit "
                         "a job time limit; --resume continues")
+    t.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="record a torch profiler trace of N steps (after 2 warm-up steps) "
+                        "into RUN/profile/")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"),
                    help="shorthand for train.device=...")
     t.add_argument("overrides", nargs="*", metavar="key=value",
@@ -101,12 +105,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"train.device={args.device}")
-    if args.resume:
+    resume = args.resume and (Path(args.out) / "last.pth").exists()
+    if resume:
         cfg = resume_config(args.out, overrides)
     else:
         cfg = load_config(resolve_config_path(args.config), overrides)
-    trainer = Trainer(cfg, args.data, args.out, val=args.val, resume=args.resume,
-                      stop_after=args.stop_after)
+    trainer = Trainer(cfg, args.data, args.out, val=args.val, resume=resume,
+                      stop_after=args.stop_after, profile_steps=args.profile)
     if trainer.dist.main:
         print("resolved config:\n" + cfg.dump(), flush=True)
     last = trainer.run()

@@ -67,6 +67,7 @@ class TrainConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     export_branch: str = "teacher"       # which weights m2t-convert takes by default
+    nonfinite: str = "stop"              # on a NaN/inf loss: stop | skip (the step, counted)
 
 
 @dataclass
@@ -90,6 +91,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.export_branch": ("teacher", "student"),
     "model.method": ("m2t", "byol", "eman", "projector_only"),
+    "train.nonfinite": ("stop", "skip"),
 }
 
 
@@ -114,6 +116,11 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, str):
             return value

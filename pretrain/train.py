@@ -119,10 +119,11 @@ class Trainer:
     """Everything a pretraining run holds; ``run()`` trains until K steps or ``stop_after``."""
 
     def __init__(self, cfg: Config, data: str | Path, out: str | Path, val: str | None = None,
-                 resume: bool = False, stop_after: int = 0) -> None:
+                 resume: bool = False, stop_after: int = 0, profile_steps: int = 0) -> None:
         self.out = Path(out)
         self.data, self.val = data, val
         self.stop_after = stop_after
+        self.profile_steps = profile_steps
         ckpt = None
         last = self.out / "last.pth"
         if resume:
@@ -173,6 +174,7 @@ class Trainer:
             self.student = torch.compile(self.student)
         self.bad_images = 0
         self.seen_images = 0
+        self.skipped_steps = 0
 
     # ----- checkpoints ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -259,8 +261,13 @@ class Trainer:
             out = self.model(v1, v2, student=self.student)
         loss = out["loss"]
         if not torch.isfinite(loss):
-            raise TrainingError(f"loss is {loss.item()} at step {self.step}; stopping. The last "
-                                f"checkpoint in {self.out} is from before this step")
+            if self.cfg.train.nonfinite == "stop":
+                raise TrainingError(f"loss is {loss.item()} at step {self.step}; stopping. The "
+                                    f"last checkpoint in {self.out} is from before this step "
+                                    f"(train.nonfinite=skip skips such steps instead)")
+            self.skipped_steps += 1
+            self.step += 1  # the schedules stay aligned; the student and teacher are untouched
+            return {**out, "lr": lr, "m": float("nan"), "skipped": True}
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -284,6 +291,7 @@ class Trainer:
         start_step, t0 = self.step, time.perf_counter()
         window_t, window_images = t0, 0
         stop_at = min(self.total_steps, self.step + self.stop_after) if self.stop_after else self.total_steps
+        profiler = self._profiler()
         try:
             while self.step < stop_at:
                 epoch = self.step // self.per_epoch
@@ -301,6 +309,11 @@ class Trainer:
                         self.step += 1
                         continue
                     out = self.train_step(v1, v2)
+                    if out.get("skipped"):
+                        log.print(f"warning: non-finite loss at step {self.step - 1}: step "
+                                  f"skipped ({self.skipped_steps} so far)")
+                    if profiler is not None:
+                        profiler.step()
                     window_images += len(v1) * self.dist.world_size
                     if self.step % cfg.train.log_every == 0 or self.step == stop_at:
                         window_t, window_images = self._log(out, log, window_t, window_images,
@@ -320,8 +333,26 @@ class Trainer:
                         log.print("kNN top-1 " + ", ".join(f"{k[9:]} {v:.2f}%" for k, v in res.items()))
             self.save()
         finally:
+            if profiler is not None:
+                profiler.stop()
             log.close()
         return self.out / "last.pth"
+
+    def _profiler(self) -> torch.profiler.profile | None:
+        """A profiler that writes a Chrome/TensorBoard trace of ``profile_steps`` steps."""
+        if not self.profile_steps or not self.dist.main:
+            return None
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        trace_dir = self.out / "profile"
+        prof = torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=0, warmup=2, active=self.profile_steps, repeat=1),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(trace_dir)),
+            record_shapes=False)
+        prof.start()
+        return prof
 
     def _count_bad(self, bad: int, total: int, log: RunLog) -> None:
         self.seen_images += total
@@ -347,6 +378,7 @@ class Trainer:
             "loss": float(out["loss"].detach()), "byol_loss": float(out["byol_loss"]),
             "lr": out["lr"], "m": out["m"], "gap": float(out["gap"]),
             "img_per_s": speed, "bad_images": self.bad_images,
+            "skipped_steps": self.skipped_steps,
         }
         if "residual_loss" in out:
             record["residual_loss"] = float(out["residual_loss"])

@@ -115,3 +115,41 @@ def test_cli_error_is_one_line_without_traceback_in_a_subprocess(tmp_path: Path)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_checkpoint(
+        tiny_train: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "r"
+    args = ["train", "--data", str(tiny_train), "--out", str(run), *TINY, "train.steps=8"]
+    assert main([*args, "--stop-after", "2"]) == 0
+    good = (run / "last.pth").read_bytes()
+    capsys.readouterr()
+    # resume with an absurd learning rate: the weights blow up and the loss turns NaN
+    line = run_error(["train", "--data", str(tiny_train), "--out", str(run), "--resume",
+                      "optim.base_lr=1e30"], capsys)
+    assert "at step" in line and "nan" in line.lower()
+    assert (run / "last.pth").read_bytes() == good
+
+
+def test_nonfinite_skip_policy_counts_skipped_steps(tiny_train: Path, tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(tiny_train), "--out", str(run), *TINY, "train.steps=4",
+                 "optim.base_lr=1e30", "train.nonfinite=skip"]) == 0
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 4 and last["skipped_steps"] >= 1
+
+
+def test_resume_flag_starts_afresh_when_there_is_no_checkpoint_yet(tiny_train: Path,
+                                                                   tmp_path: Path) -> None:
+    # what a restarted torchrun job relies on: the same command line works the first time
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(tiny_train), "--out", str(run), *TINY, "train.steps=2",
+                 "--resume"]) == 0
+    assert (run / "last.pth").exists()
+
+
+def test_profile_writes_a_trace(tiny_train: Path, tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(tiny_train), "--out", str(run), *TINY, "train.steps=4",
+                 "--profile", "2"]) == 0
+    assert list((run / "profile").glob("*.json*")), "no profiler trace written"
