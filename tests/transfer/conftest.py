@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image, ImageDraw
+
+from transfer.synthetic import make_shapes_dataset
 
 #: Overrides that make a Detectron2 run take seconds on a CPU: 128 px images, batch 2,
 #: 2 iterations, few proposals, score threshold 0 so the evaluator has detections to score.
@@ -64,51 +64,6 @@ def coco_val_subset(coco_mini: Path, tmp_path_factory: pytest.TempPathFactory) -
     return path
 
 
-SHAPES = ("square", "circle", "triangle")
-
-
-def make_shapes_dataset(folder: Path, num_images: int = 6, size: int = 128,
-                        seed: int = 0) -> Path:
-    """Generated images of coloured squares, circles and triangles, with a COCO JSON.
-
-    Layout: ``folder/images/*.png`` and ``folder/annotations.json`` (category ids 1-3,
-    polygon masks). Returns the JSON path.
-    """
-    rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for i in range(num_images):
-        img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 60, 3)))
-        draw = ImageDraw.Draw(img)
-        for _ in range(2):
-            cls = int(rng.integers(0, 3))
-            s = int(rng.integers(24, 44))
-            x, y = int(rng.integers(0, size - s)), int(rng.integers(0, size - s))
-            colour = tuple(int(v) for v in rng.integers(120, 256, 3))
-            if SHAPES[cls] == "square":
-                poly = [x, y, x + s, y, x + s, y + s, x, y + s]
-            elif SHAPES[cls] == "circle":
-                t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
-                pts = np.stack([x + s / 2 + s / 2 * np.cos(t), y + s / 2 + s / 2 * np.sin(t)], 1)
-                poly = [float(v) for v in pts.ravel()]
-            else:
-                poly = [x + s / 2, y, x + s, y + s, x, y + s]
-            draw.polygon(poly, fill=colour)
-            xs, ys = poly[0::2], poly[1::2]
-            box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                "category_id": cls + 1, "bbox": box, "area": box[2] * box[3],
-                                "iscrowd": 0, "segmentation": [poly]})
-        name = f"shape_{i:03d}.png"
-        img.save(folder / "images" / name)
-        images.append({"id": i + 1, "file_name": name, "height": size, "width": size})
-    categories = [{"id": k + 1, "name": n} for k, n in enumerate(SHAPES)]
-    path = folder / "annotations.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": categories}))
-    return path
-
-
 @pytest.fixture
 def shapes_dataset(tmp_path: Path) -> Path:
     return make_shapes_dataset(tmp_path / "shapes")
@@ -120,7 +75,16 @@ def tiny() -> tuple[str, ...]:
     return tuple(TINY)
 
 
-@pytest.fixture
-def shapes_factory():
-    """:func:`make_shapes_dataset`, for tests that need to alter the generated files."""
-    return make_shapes_dataset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Run the transfer tests on one intra-op thread.
+
+    On a small machine shared with other jobs, two OpenMP threads spin-waiting for each
+    other make a Detectron2 forward pass about 6x slower than one thread does.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -149,3 +149,18 @@ def test_lvis_mask_rcnn_with_federated_loss_reports_frequency_metrics(
     log = (out / "log.txt").read_text()
     assert "Using training sampler RepeatFactorTrainingSampler" in log
     assert (out / "inference" / subset.stem / "lvis_instances_results.json").is_file()
+
+
+def test_two_processes_train_through_detectron2_launch_with_naive_sync_bn(
+        shapes_dataset: Path, r18_pkl: Path, tiny: tuple[str, ...], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned workers share 2 cores
+    out = tmp_path / "run"
+    results = run_training("fcos_R_50_FPN_1x", str(r18_pkl), output_dir=str(out),
+                           train_dataset=str(shapes_dataset), test_dataset=str(shapes_dataset),
+                           num_gpus=2, overrides=(*tiny, *R18))
+    _check_metrics(results, ("bbox",))
+    assert results["world_size"] == 2
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["MODEL"]["RESNETS"]["NORM"] == config["MODEL"]["FPN"]["NORM"] == "naiveSyncBN"
+    assert "World size: 2" in (out / "log.txt").read_text()
