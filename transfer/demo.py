@@ -51,6 +51,7 @@ SETTINGS = {
 def run(cmd: list[str], log: Path) -> None:
     """Print ``cmd`` as a copyable shell line, run it, tee its output to ``log``."""
     shown = " ".join(shlex.quote(c) for c in cmd).replace(str(REPO) + "/", "")
+    shown = shown.replace(str(Path(sys.executable).parent) + "/", "")
     print(f"\n$ {shown}", flush=True)
     start = time.perf_counter()
     with open(log, "w") as f:
@@ -74,8 +75,11 @@ def _worth_showing(line: str) -> bool:
     return line.startswith(keys) or any(k in line for k in ("eta: ", "verification", "| bbox"))
 
 
-def bin_(name: str) -> list[str]:
-    return [sys.executable, "-m", name]
+def bin_(module: str) -> list[str]:
+    """The console script of ``module`` next to this Python (``python -m`` if not installed)."""
+    script = Path(sys.executable).parent / {"pretrain": "m2t-pretrain", "convert": "m2t-convert",
+                                            "transfer": "m2t-transfer"}[module]
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
 
 
 def main(argv: list[str] | None = None) -> int:
