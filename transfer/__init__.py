@@ -11,6 +11,7 @@ Modules, one idea each:
 - ``train``: ``run_training`` / ``run_evaluation`` on Detectron2's ``DefaultTrainer`` + ``launch``.
 - ``evaluate``: score a COCO-format results file with pycocotools / lvis.
 - ``report``: ``results.json`` + ``report.md`` per run, and runs side by side.
+- ``shapes``: a generated three-class shapes dataset in COCO format (demo, tests).
 
 Importing the package applies the ``lvis`` NumPy shim (``compat``).
 """

@@ -28,6 +28,9 @@ from .errors import TransferError
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_METRICS = COCO_METRICS + ("APr", "APc", "APf")
 TASKS = ("bbox", "segm")
+#: The columns of the side-by-side table (each run's own report.md has all metrics).
+SUMMARY_COCO = ("AP", "AP50", "AP75")
+SUMMARY_LVIS = ("AP", "APr", "APc", "APf")
 TASK_LABEL = {"bbox": "box", "segm": "mask"}
 
 
@@ -135,7 +138,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Group runs by (config, test set), then by method; mean ± std of every metric.
+    """Group runs by (config, test set), then by method; mean ± std of the headline metrics.
+
+    Headline metrics: AP, AP50, AP75 per task (COCO), AP, APr, APc, APf per task (LVIS).
 
     Returns ``{(config, test set): {"metrics": [(task, name), ...], "rows": {method:
     {"n": runs, "seeds": [...], (task, name): (mean, std) or None}}}}``.
@@ -148,7 +153,9 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[s
     summary: dict[tuple[str, str], dict[str, Any]] = {}
     for key, methods in groups.items():
         all_runs = [r for rs in methods.values() for r in rs]
-        names = metric_names({t: {m: 0 for r in all_runs for m in r.get(t, {})} for t in TASKS})
+        lvis = "APr" in metric_names({t: {m: 0 for r in all_runs for m in r.get(t, {})}
+                                      for t in TASKS})
+        names = SUMMARY_LVIS if lvis else SUMMARY_COCO
         metrics = [(t, n) for t in TASKS if any(t in r for r in all_runs) for n in names]
         rows: dict[str, dict[Any, Any]] = {}
         for method, method_runs in methods.items():
@@ -199,7 +206,7 @@ def plot_summary(summary: Mapping[tuple[str, str], Mapping[str, Any]], path: Pat
                              squeeze=False)
     for index, ((config, dataset), group) in enumerate(groups):
         ax = axes[0][index]
-        shown = [m for m in group["metrics"] if m[1] in ("AP", "AP50", "AP75")]
+        shown = list(group["metrics"])
         methods = list(group["rows"])
         width = 0.8 / max(1, len(methods))
         for i, method in enumerate(methods):
@@ -211,8 +218,10 @@ def plot_summary(summary: Mapping[tuple[str, str], Mapping[str, Any]], path: Pat
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels([f"{n}\n{TASK_LABEL[t]}" for t, n in shown])
         ax.set_ylabel("AP (%)")
+        ax.set_ylim(bottom=0)
         ax.set_title(f"{config}\n{Path(dataset).name}", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  ncol=min(3, len(methods)), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

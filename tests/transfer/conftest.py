@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from transfer.synthetic import make_shapes_dataset
+from transfer.shapes import make_shapes
 
 #: Overrides that make a Detectron2 run take seconds on a CPU: 128 px images, batch 2,
 #: 2 iterations, few proposals, score threshold 0 so the evaluator has detections to score.
@@ -66,15 +66,16 @@ def coco_val_subset(coco_mini: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture
 def shapes_dataset(tmp_path: Path) -> Path:
-    return make_shapes_dataset(tmp_path / "shapes")
+    """6 generated 128 px training images of circles, squares and triangles (COCO format):
+    ``shapes/annotations/instances_train.json`` over ``shapes/train/``."""
+    return make_shapes(tmp_path / "shapes", n_train=6, n_val=1, size=128, max_shapes=2)[
+        "train_json"]
 
 
 @pytest.fixture(scope="session")
 def tiny() -> tuple[str, ...]:
     """The :data:`TINY` overrides."""
     return tuple(TINY)
-
-
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -64,8 +64,8 @@ def test_json_that_is_not_coco_format(capsys: pytest.CaptureFixture[str], r50_pk
 
 def test_image_files_missing_for_some_entries(capsys: pytest.CaptureFixture[str], r50_pkl: Path,
                                               shapes_dataset: Path) -> None:
-    images = shapes_dataset.parent / "images"
-    (images / "shape_0005.png").unlink()
+    images = shapes_dataset.parents[1] / "train"
+    (images / "train_00005.jpg").unlink()
     code, err = run_cli(capsys, "train", "--config", "fcos_R_50_FPN_1x", "--weights",
                         str(r50_pkl), "--train-dataset", str(shapes_dataset),
                         "--test-dataset", str(shapes_dataset))

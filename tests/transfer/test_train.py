@@ -122,7 +122,7 @@ def test_custom_coco_format_dataset_trains_and_evaluates_by_path(
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 3  # from the JSON's categories
     detections = json.loads(
-        (out / "inference" / "annotations" / "coco_instances_results.json").read_text())
+        (out / "inference" / "instances_train" / "coco_instances_results.json").read_text())
     assert detections and {d["category_id"] for d in detections} <= {1, 2, 3}
     assert {d["image_id"] for d in detections} <= set(range(1, 7))
 
