@@ -76,6 +76,9 @@ def add_transfer_config(cfg: CfgNode) -> CfgNode:
     cfg.TRANSFER = CfgNode()
     cfg.TRANSFER.TOTAL_BATCH = 0
     cfg.TRANSFER.METHOD = ""
+    # The short name of the config a run was started with, kept in the run's config.yaml
+    # so that evaluating with that file reports the same name.
+    cfg.TRANSFER.CONFIG = ""
     return cfg
 
 

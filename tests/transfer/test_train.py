@@ -77,14 +77,15 @@ def test_backbone_starts_from_the_converted_weights(mask_rcnn_run: Path, r50_pkl
 
 
 def test_eval_of_the_final_checkpoint_matches_scoring_its_results_file(
-        mask_rcnn_run: Path, coco_mini: Path, coco_val_subset: Path, tiny: tuple[str, ...],
-        tmp_path: Path) -> None:
-    results = run_evaluation("mask_rcnn_R_50_FPN_1x", str(mask_rcnn_run / "model_final.pth"),
+        mask_rcnn_run: Path, coco_mini: Path, coco_val_subset: Path, tmp_path: Path) -> None:
+    # The run's own config.yaml (tiny settings included) serves as the config.
+    results = run_evaluation(str(mask_rcnn_run / "config.yaml"),
+                             str(mask_rcnn_run / "model_final.pth"),
                              test_dataset=str(coco_val_subset),
-                             test_images=str(coco_mini / "val2017"),
-                             output_dir=str(tmp_path), overrides=tiny)
+                             test_images=str(coco_mini / "val2017"), output_dir=str(tmp_path))
     _check_metrics(results, ("bbox", "segm"))
-    assert results["method"] == "tv_r50"  # taken from the run the checkpoint belongs to
+    # Labels come from the run the checkpoint and config belong to.
+    assert results["method"] == "tv_r50" and results["config"] == "mask_rcnn_R_50_FPN_1x"
     trained = json.loads((mask_rcnn_run / "results.json").read_text())
     assert results["bbox"] == trained["bbox"] and results["segm"] == trained["segm"]
     detections = tmp_path / "inference" / coco_val_subset.stem / "coco_instances_results.json"
