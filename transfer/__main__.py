@@ -100,6 +100,7 @@ def _run(args: argparse.Namespace) -> int:
             results = run_evaluation(args.config, args.weights, **common)
         if results:
             print(run_table(results))
+            print(f"wrote {results['output_dir']}/results.json and report.md")
         return 0
     if args.command == "evaluate":
         from .evaluate import evaluate_predictions

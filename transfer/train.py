@@ -137,6 +137,10 @@ def prepare(
         datasets[spec.name] = spec
     cfg.DATASETS.TRAIN = tuple(s.name for s in train_specs) or cfg.DATASETS.TRAIN
     cfg.DATASETS.TEST = tuple(s.name for s in test_specs)
+    if task == "eval" and cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS:
+        # The federated-loss head reads class frequencies of DATASETS.TRAIN when it is
+        # built; evaluation needs no training set, so let it read the test set's.
+        cfg.DATASETS.TRAIN = cfg.DATASETS.TEST
 
     reference = (train_specs or test_specs)[0]
     for spec in train_specs + test_specs:
@@ -157,7 +161,8 @@ def prepare(
         raise TransferError(weights_path, "weights file not found")
     cfg.MODEL.WEIGHTS = str(weights_path.resolve())
     cfg.TRANSFER.METHOD = method or cfg.TRANSFER.METHOD or _method_of(weights_path)
-    label = config_label(config)
+    label = cfg.TRANSFER.CONFIG or config_label(config)
+    cfg.TRANSFER.CONFIG = label
     seed_part = f"seed{cfg.SEED}" if cfg.SEED >= 0 else ""
     cfg.OUTPUT_DIR = str(Path(output_dir) if output_dir else
                          Path("output", "transfer", label, cfg.TRANSFER.METHOD, seed_part))
@@ -178,6 +183,7 @@ def prepare(
         "total_batch": cfg.SOLVER.IMS_PER_BATCH,
         "base_lr": cfg.SOLVER.BASE_LR,
         "world_size": world_size,
+        "output_dir": str(Path(cfg.OUTPUT_DIR).resolve()),
     }
     return Job(task=task, cfg=cfg, datasets=list(datasets.values()),
                config_file=str(config_file), info=info, resume=resume)
