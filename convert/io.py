@@ -1,8 +1,10 @@
 """Reading checkpoints (through iopath: local paths and URLs alike) and writing outputs atomically.
 
 Reading uses ``torch.load(weights_only=True)``: a checkpoint is data, and loading it must not
-run code from the file. A file that pickles other objects is refused with the type named;
-``unsafe=True`` (``--unsafe-load``) falls back to a full unpickle for files the user trusts.
+run code from the file. The few plain-data types common self-supervised checkpoints pickle
+besides tensors are allowed explicitly (``SAFE_GLOBALS``); a file that pickles anything else
+is refused with the type named; ``unsafe=True`` (``--unsafe-load``) falls back to a full
+unpickle for files the user trusts, with a warning.
 
 Writing goes to a temporary file in the output's directory, then ``os.replace``: a reader
 never sees half a file, and a failed conversion leaves nothing behind.
@@ -10,6 +12,7 @@ never sees half a file, and a failed conversion leaves nothing behind.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import tempfile
@@ -25,7 +28,13 @@ from .errors import ConversionError, ConversionWarning
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # torch.save before 1.6: pickle protocol 2 + magic number
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSUPPORTED_GLOBAL = re.compile(
+    r"(?:Unsupported global: GLOBAL |unsupported GLOBAL |but got <class ')([\w.]+)")
+
+#: Types that weights-only loading may rebuild besides tensors and containers: plain data
+#: found in common self-supervised checkpoints (DINO, iBOT and others save their
+#: ``argparse.Namespace`` of arguments under ``args``). Nothing here runs code on load.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 #: Local paths, plus http(s)/ftp URLs (downloaded once into iopath's cache).
 PATHS = PathManager()
@@ -68,7 +77,8 @@ def _not_a_checkpoint(head: bytes) -> str:
 
 def _torch_load(f: IO[bytes], path: str, unsafe: bool) -> Any:
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError... here
         message = str(e)
         unsupported = _UNSUPPORTED_GLOBAL.search(message)
@@ -86,7 +96,8 @@ def _torch_load(f: IO[bytes], path: str, unsafe: bool) -> Any:
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ConversionError(path, f"not a readable PyTorch checkpoint ({e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(path, f"not a readable PyTorch checkpoint ({first})") from None
 
 
 def check_writable(path: Path, force: bool) -> None:

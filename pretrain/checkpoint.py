@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ PATHS = PathManager()
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Serialise ``obj`` to ``path`` so that a reader sees the old file or the new, never half.
 
-    Local files are written to a temporary name in the same folder, flushed to disk and renamed
-    over the target; other iopath URIs are written through ``PathManager``.
+    Local files are written to a temporary name in the same folder (``.NAME.tmp-PID``, which
+    no reader takes for a checkpoint), flushed to disk and renamed over the target; other
+    iopath URIs are written through ``PathManager``. A failed write (disk full, file-size
+    limit, I/O error) removes the temporary file and raises a one-line ``UserError``.
     """
     path = str(path)
     if "://" in path:
@@ -34,23 +37,86 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         return
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    writer: _WriteErrors | None = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _WriteErrors(f)
+            torch.save(obj, writer)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a failed write as RuntimeError ("unexpected pos ..."): name the
+        # OSError behind it instead
+        cause = writer.error if writer is not None and writer.error is not None else exc
         try:
             os.remove(tmp)
         except OSError:
             pass
-        raise UserError(f"{path}: could not save checkpoint ({exc.strerror or exc}); "
+        reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[0][:200]
+        raise UserError(f"{path}: could not save checkpoint ({reason}); "
                         f"the previous checkpoint is untouched") from None
 
 
+class _WriteErrors:
+    """A file wrapper that remembers the ``OSError`` a write raised (torch.save hides it)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+TEMPORARY = re.compile(r"^\..+\.pth\.tmp-\d+$")
+
+
+def remove_partial_saves(folder: str | Path) -> list[Path]:
+    """Delete temporary files that saves killed mid-write left in ``folder``; return them.
+
+    Only the main process of a run saves into its folder, so when a run (re)starts, every
+    ``.NAME.pth.tmp-PID`` there is the remains of a dead process, never a checkpoint.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if TEMPORARY.match(entry.name) and entry.is_file():
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+#: How torch's weights-only unpickler names a type it refuses to rebuild.
+_REFUSED_GLOBAL = re.compile(
+    r"(?:Unsupported global: GLOBAL |unsupported GLOBAL |but got <class ')([\w.]+)")
+
+#: The entries of one of our checkpoints and the type each must have.
+_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "config": dict, "student": dict, "teacher": dict, "optimizer": dict, "scaler": dict,
+    "step": int, "total_steps": int, "rng": dict,
+}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load one of our pretraining checkpoints (``weights_only``), or fail with one line."""
+    """Load one of our pretraining checkpoints (``weights_only``), or fail with one line.
+
+    A file that pickles anything but tensors and plain containers is refused without running
+    its code: our checkpoints never hold such objects, so it was not written by m2t-pretrain
+    (or was altered since).
+    """
     path = str(path)
     if not PATHS.exists(path):
         raise UserError(f"{path}: checkpoint not found")
@@ -58,15 +124,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         with PATHS.open(path, "rb") as f:
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
-            AttributeError, OSError) as exc:
+            AttributeError, TypeError, KeyError, IndexError, OSError) as exc:
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused is not None:
+            raise UserError(f"{path}: the file pickles a {refused.group(1)} object; checkpoints "
+                            f"of m2t-pretrain hold only tensors and plain data, so it was not "
+                            f"written by m2t-pretrain (or was altered) and is not loaded") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{path}: not a readable checkpoint (corrupt, truncated or not a torch "
                         f"file): {first[:200]}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        found = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
         raise UserError(f"{path}: not a momentum2 pretraining checkpoint (expected format "
                         f"{FORMAT!r}; found keys {found}); use m2t-convert for foreign checkpoints")
-    if obj.get("version", 0) > VERSION:
-        raise UserError(f"{path}: checkpoint version {obj.get('version')} is newer than this "
+    version = obj.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"{path}: damaged checkpoint: 'version' is {version!r}, not a number")
+    if version > VERSION:
+        raise UserError(f"{path}: checkpoint version {version} is newer than this "
                         f"toolkit understands ({VERSION})")
+    for key, kind in _ENTRIES.items():
+        value = obj.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            found = "missing" if key not in obj else f"a {type(value).__name__}"
+            raise UserError(f"{path}: damaged checkpoint: '{key}' is {found}, expected a "
+                            f"{getattr(kind, '__name__', kind)}")
     return obj

@@ -15,18 +15,39 @@ from typing import Any
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from .errors import UserError
 
 
-def image_folder(root: str | Path, transform: Callable | None = None) -> torchvision.datasets.ImageFolder:
-    """``torchvision.datasets.ImageFolder`` with a one-line error for a missing or empty folder."""
+class LabelledImages(torchvision.datasets.ImageFolder):
+    """``ImageFolder`` whose unreadable images come back as ``None`` (see ``collate_labelled``)."""
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        try:
+            return super().__getitem__(index)
+        except Exception:  # noqa: BLE001 - any decoding failure counts as a bad image
+            return None
+
+
+def collate_labelled(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the readable ``(image, label)`` samples of a batch; drop the unreadable ones."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return default_collate(good)
+
+
+def image_folder(root: str | Path, transform: Callable | None = None) -> LabelledImages:
+    """``torchvision.datasets.ImageFolder`` with a one-line error for a missing or empty folder.
+
+    Unreadable images yield ``None``; load batches with ``collate_fn=collate_labelled``.
+    """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: data folder not found")
     try:
-        return torchvision.datasets.ImageFolder(str(root), transform=transform)
+        return LabelledImages(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserError(f"{root}: no images found in ImageFolder layout (<root>/<class>/<image>): "
                         f"{str(exc).splitlines()[0]}") from None

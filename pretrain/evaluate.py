@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from .augment import eval_transform
 from .checkpoint import load_checkpoint
 from .config import config_from_dict
-from .data import image_folder
+from .data import collate_labelled, image_folder
 from .errors import UserError
 from .knn import extract_features, knn_accuracy
 from .methods import build_method
@@ -41,8 +41,12 @@ def load_backbone(run_or_checkpoint: str | Path, branch: str) -> tuple[nn.Module
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"], str(path))
     model = build_method(cfg, int(ckpt["total_steps"]))
-    model.student.load_state_dict(ckpt["student"])
-    model.teacher.load_state_dict(ckpt["teacher"])
+    try:
+        model.student.load_state_dict(ckpt["student"])
+        model.teacher.load_state_dict(ckpt["teacher"])
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{path}: checkpoint does not fit its own config: {first}") from None
     return model.export_backbone(branch).eval(), {"path": str(path), "config": cfg,
                                                    "step": int(ckpt["step"])}
 
@@ -60,10 +64,10 @@ def labelled_features(backbone: nn.Module, train_dir: str, val_dir: str, image_s
     if train.classes != val.classes:
         raise UserError(f"{val_dir}: class folders differ from those of {train_dir}")
     backbone = backbone.to(device)
-    tf, tl = extract_features(backbone, DataLoader(train, batch_size=256, num_workers=workers),
-                              device)
-    vf, vl = extract_features(backbone, DataLoader(val, batch_size=256, num_workers=workers),
-                              device)
+    tf, tl = extract_features(backbone, DataLoader(train, batch_size=256, num_workers=workers,
+                                                   collate_fn=collate_labelled), device)
+    vf, vl = extract_features(backbone, DataLoader(val, batch_size=256, num_workers=workers,
+                                                   collate_fn=collate_labelled), device)
     return tf, tl, vf, vl, torch.tensor(len(train.classes))
 
 

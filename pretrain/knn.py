@@ -7,18 +7,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .errors import UserError
+
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader: DataLoader,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised pooled features and labels of every image in ``loader`` (eval mode)."""
+    """L2-normalised pooled features and labels of every image in ``loader`` (eval mode).
+
+    Empty batches (every image of it unreadable, see ``pretrain.data.collate_labelled``) are
+    skipped; a loader with no readable image at all is an error.
+    """
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
     for images, targets in loader:
+        if len(images) == 0:
+            continue
         feats.append(F.normalize(backbone(images.to(device)).float(), dim=1).cpu())
         labels.append(targets)
     backbone.train(was_training)
+    if not feats:
+        root = getattr(loader.dataset, "root", "the data folder")
+        raise UserError(f"{root}: none of its images could be read")
     return torch.cat(feats), torch.cat(labels)
 
 

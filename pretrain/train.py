@@ -15,12 +15,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.rendezvous import rendezvous
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import TwoViews, eval_transform
-from .checkpoint import FORMAT, VERSION, load_checkpoint, save_atomic
+from .checkpoint import FORMAT, VERSION, load_checkpoint, remove_partial_saves, save_atomic
 from .config import Config, apply_overrides, config_from_dict
-from .data import TwoViewDataset, build_loader, image_folder, steps_per_epoch, total_steps_for
+from .data import (
+    TwoViewDataset,
+    build_loader,
+    collate_labelled,
+    image_folder,
+    steps_per_epoch,
+    total_steps_for,
+)
 from .errors import UserError
 from .knn import extract_features, knn_accuracy
 from .lars import LARS, split_bn_and_bias
@@ -50,7 +58,19 @@ def init_distributed(device_kind: str) -> Dist:
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("GROUP_WORLD_SIZE") == "1":
+            # torchrun keeps its store across worker restarts, with the addresses the workers
+            # of a failed attempt left in it: restarted workers could read those and connect
+            # to dead peers (a hang, or "Connection refused"). A prefix per attempt keeps
+            # attempts apart; on one node every worker sees the same restart count.
+            store, rank, world_size = next(rendezvous("env://"))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"m2t/attempt{attempt}",
+                                                                    store),
+                                    rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -164,8 +184,10 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model.student, self.base_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         self.step = 0
+        self.saved_step: int | None = None  # the step last.pth holds, once known
         if ckpt is not None:
             self._restore(ckpt, last)
+            self.saved_step = self.step
         self.student: nn.Module = self.model.student
         if self.dist.world_size > 1:
             self.student = DistributedDataParallel(
@@ -204,19 +226,38 @@ class Trainer:
             self.model.teacher.load_state_dict(ckpt["teacher"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:200]
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserError(f"{path}: checkpoint does not fit this model: {first}") from None
+        try:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            random.setstate(_as_random_state(ckpt["rng"]["python"]))
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"{path}: damaged checkpoint: its random-number state cannot be "
+                            f"restored ({first})") from None
         self.step = int(ckpt["step"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(_as_random_state(ckpt["rng"]["python"]))
+        if not 0 <= self.step <= self.total_steps:
+            raise UserError(f"{path}: damaged checkpoint: step {self.step} is outside "
+                            f"0..{self.total_steps}")
 
     def save(self, epoch: int | None = None) -> None:
-        """Refresh last.pth; also keep ``epoch_NNNN.pth`` when ``epoch`` is given."""
+        """Refresh last.pth; also keep ``epoch_NNNN.pth`` when ``epoch`` is given.
+
+        Weights that are no longer finite (a diverged step) are never saved: the run stops
+        and last.pth keeps the last good state.
+        """
+        bad = nonfinite_tensors(self.model)
+        if bad:
+            held = f" (step {self.saved_step})" if self.saved_step is not None else ""
+            raise TrainingError(f"weights are not finite after step {self.step} (e.g. {bad[0]}): "
+                                f"training diverged; {self.out / 'last.pth'}{held} was not "
+                                f"overwritten; resume from it with a lower optim.base_lr")
         if not self.dist.main:
             return
         state = self.state()
         save_atomic(state, self.out / "last.pth")
+        self.saved_step = self.step
         if epoch is not None:
             save_atomic(state, self.out / f"epoch_{epoch:04d}.pth")
 
@@ -230,7 +271,8 @@ class Trainer:
             raise UserError(f"{self.val}: class folders differ from {self.data}")
 
         def loader(ds):
-            return torch.utils.data.DataLoader(ds, batch_size=256, num_workers=self.cfg.data.workers)
+            return torch.utils.data.DataLoader(ds, batch_size=256, num_workers=self.cfg.data.workers,
+                                               collate_fn=collate_labelled)
 
         result = {}
         for branch in ("teacher", "student"):
@@ -257,6 +299,10 @@ class Trainer:
         memory = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         v1 = v1.to(self.device, non_blocking=True, memory_format=memory)
         v2 = v2.to(self.device, non_blocking=True, memory_format=memory)
+        statistics: list[torch.Tensor] = []
+        if self.cfg.train.nonfinite == "skip":  # a skipped step must leave no BN statistics
+            statistics = [b for b in self.model.buffers() if b.is_floating_point()]
+            before = [b.detach().clone() for b in statistics]
         with self._autocast():
             out = self.model(v1, v2, student=self.student)
         loss = out["loss"]
@@ -265,8 +311,10 @@ class Trainer:
                 raise TrainingError(f"loss is {loss.item()} at step {self.step}; stopping. The "
                                     f"last checkpoint in {self.out} is from before this step "
                                     f"(train.nonfinite=skip skips such steps instead)")
+            with torch.no_grad():
+                torch._foreach_copy_(statistics, before)
             self.skipped_steps += 1
-            self.step += 1  # the schedules stay aligned; the student and teacher are untouched
+            self.step += 1  # the schedules stay aligned; weights and BN statistics untouched
             return {**out, "lr": lr, "m": float("nan"), "skipped": True}
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -279,8 +327,17 @@ class Trainer:
     def run(self) -> Path:
         cfg = self.cfg
         if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.dump())
+            if self.out.exists() and not self.out.is_dir():
+                raise UserError(f"{self.out}: --out is a file, not a run directory")
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "config.yaml").write_text(cfg.dump())
+            except OSError as exc:
+                raise UserError(f"{self.out}: cannot write the run directory "
+                                f"({exc.strerror or exc})") from None
+            for partial in remove_partial_saves(self.out):
+                print(f"removed {partial.name}: a checkpoint save that was interrupted",
+                      flush=True)
         log = RunLog(self.out, self.dist.main)
         log.print(f"momentum2 pretrain: {cfg.model.method} {cfg.model.arch}, "
                   f"{len(self.dataset)} images, {self.per_epoch} steps/epoch, "
@@ -399,6 +456,15 @@ def resume_config(out: str | Path, overrides: list[str]) -> Config:
         raise UserError(f"{last}: nothing to resume (no last.pth in the run directory)")
     cfg = config_from_dict(load_checkpoint(last)["config"], str(last))
     return apply_overrides(cfg, overrides)
+
+
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``module`` holding NaN or inf."""
+    named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers())
+             if t.is_floating_point()]
+    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+        return []
+    return [n for n, t in named if not bool(torch.isfinite(t).all())]
 
 
 def _as_random_state(state: Any) -> tuple:

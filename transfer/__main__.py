@@ -50,6 +50,10 @@ def _add_run_options(p: argparse.ArgumentParser, train: bool) -> None:
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--dist-url", default="auto",
                    help="rendezvous URL for multi-machine runs, e.g. tcp://HOST:PORT")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="if safe loading (numpy arrays and plain data only) refuses the "
+                        "weights file, unpickle it fully: runs code from the file, only for "
+                        "files you trust")
     if train:
         p.add_argument("--resume", action="store_true",
                        help="continue from the last checkpoint in --output-dir")
@@ -92,7 +96,8 @@ def _run(args: argparse.Namespace) -> int:
                       test_dataset=args.test_dataset, dataset_root=args.dataset_root,
                       test_images=args.test_images, method=args.method,
                       num_gpus=args.num_gpus, num_machines=args.num_machines,
-                      machine_rank=args.machine_rank, dist_url=args.dist_url)
+                      machine_rank=args.machine_rank, dist_url=args.dist_url,
+                      unsafe_load=args.unsafe_load)
         if args.command == "train":
             results = run_training(args.config, args.weights, train_dataset=args.train_dataset,
                                    train_images=args.train_images, resume=args.resume, **common)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup, launch
@@ -39,7 +38,7 @@ from .config import config_label, load_config, num_classes_key, resolve_config, 
 from .datasets import DatasetSpec, register_dataset, resolve_dataset
 from .errors import TransferError
 from .report import write_run_results
-from .weights import check_weights
+from .weights import SafeCheckpointer, check_weights
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +92,7 @@ class Job:
     config_file: str
     info: dict[str, Any]
     resume: bool = False
+    unsafe_load: bool = False
 
 
 def prepare(
@@ -110,6 +110,7 @@ def prepare(
     method: str | None = None,
     world_size: int = 1,
     resume: bool = False,
+    unsafe_load: bool = False,
 ) -> Job:
     """Check all input of a train/eval run and build its final, frozen config.
 
@@ -168,7 +169,7 @@ def prepare(
                          Path("output", "transfer", label, cfg.TRANSFER.METHOD, seed_part))
     for spec in datasets.values():  # models may read dataset metadata (federated loss)
         register_dataset(spec)
-    check_weights(cfg, cfg.MODEL.WEIGHTS, label)
+    check_weights(cfg, cfg.MODEL.WEIGHTS, label, unsafe_load=unsafe_load)
     cfg.freeze()
 
     info = {
@@ -186,7 +187,8 @@ def prepare(
         "output_dir": str(Path(cfg.OUTPUT_DIR).resolve()),
     }
     return Job(task=task, cfg=cfg, datasets=list(datasets.values()),
-               config_file=str(config_file), info=info, resume=resume)
+               config_file=str(config_file), info=info, resume=resume,
+               unsafe_load=unsafe_load)
 
 
 def _method_of(weights: Path) -> str:
@@ -209,6 +211,8 @@ def run_job(job: Job) -> None:
                                           weights=cfg.MODEL.WEIGHTS, resume=job.resume))
     if job.task == "train":
         trainer = Trainer(cfg)
+        # reads weights and resumed checkpoints without unpickling code (saving is unchanged)
+        trainer.checkpointer = SafeCheckpointer.replacing(trainer.checkpointer, job.unsafe_load)
         trainer.resume_or_load(resume=job.resume)
         trainer.train()
         raw = getattr(trainer, "_last_eval_results", None)
@@ -216,7 +220,8 @@ def run_job(job: Job) -> None:
             raw = Trainer.test(cfg, trainer.model)
     else:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
+        SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR,
+                         unsafe_load=job.unsafe_load).load(cfg.MODEL.WEIGHTS)
         raw = Trainer.test(cfg, model)
     if comm.is_main_process():
         per_dataset = _per_dataset(cfg, raw)
@@ -260,6 +265,7 @@ def run_training(
     machine_rank: int = 0,
     dist_url: str = "auto",
     resume: bool = False,
+    unsafe_load: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``config`` from ``weights``, evaluate, and return the run's results.
 
@@ -275,6 +281,8 @@ def run_training(
         method: the label of the pretraining method in reports (default: weights file stem).
         num_gpus: processes per machine; num_machines, machine_rank, dist_url: multi-node.
         resume: continue from the last checkpoint in ``output_dir``.
+        unsafe_load: let a weights file that safe loading refuses be unpickled fully (it
+            can run code: only for files you trust; warns).
 
     Returns:
         the content of ``results.json`` (``{"bbox": {"AP": ...}, "segm": {...}, "method":
@@ -283,7 +291,8 @@ def run_training(
     job = prepare("train", config, weights, overrides=overrides, train_dataset=train_dataset,
                   test_dataset=test_dataset, dataset_root=dataset_root,
                   train_images=train_images, test_images=test_images, output_dir=output_dir,
-                  method=method, world_size=num_gpus * num_machines, resume=resume)
+                  method=method, world_size=num_gpus * num_machines, resume=resume,
+                  unsafe_load=unsafe_load)
     return _launch(job, num_gpus, num_machines, machine_rank, dist_url)
 
 
@@ -301,6 +310,7 @@ def run_evaluation(
     num_machines: int = 1,
     machine_rank: int = 0,
     dist_url: str = "auto",
+    unsafe_load: bool = False,
 ) -> dict[str, Any]:
     """Evaluate trained ``weights`` (e.g. ``model_final.pth``) with ``config``'s test set.
 
@@ -308,5 +318,6 @@ def run_evaluation(
     """
     job = prepare("eval", config, weights, overrides=overrides, test_dataset=test_dataset,
                   dataset_root=dataset_root, test_images=test_images, output_dir=output_dir,
-                  method=method, world_size=num_gpus * num_machines)
+                  method=method, world_size=num_gpus * num_machines,
+                  unsafe_load=unsafe_load)
     return _launch(job, num_gpus, num_machines, machine_rank, dist_url)

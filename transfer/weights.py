@@ -5,6 +5,12 @@ its name-matching heuristics, or a Detectron2 ``.pth``); it only *logs* tensors 
 match or whose shape differs. Here every ResNet tensor the model has (stem, res2-res5,
 also res5 inside the C4 ROI head) must be loaded, otherwise the weights are for another
 architecture and training would silently start from random init.
+
+Weights files come from the internet, and unpickling runs whatever code a pickle names.
+:class:`SafeCheckpointer` therefore reads ``.pkl`` files with :class:`RestrictedUnpickler`
+(numpy arrays and plain containers only) and ``.pth`` files with
+``torch.load(weights_only=True)``; a file that needs anything else is refused with the type
+named, unless ``--unsafe-load`` (``unsafe_load=True``) says the file is trusted, which warns.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
@@ -34,7 +42,117 @@ def resnet_keys(model: nn.Module) -> list[str]:
             if _RESNET_KEY.match(k) and not k.endswith("num_batches_tracked")]
 
 
-class RecordingCheckpointer(DetectionCheckpointer):
+#: What a weights pickle may name: numpy arrays, scalars and dtypes, and plain containers.
+#: (``_codecs.encode`` carries bytes in protocol-2 pickles, ``copyreg._reconstructor``
+#: objects in Python 2 ones; both only call what the pickle may name anyway.)
+SAFE_PICKLE_GLOBALS: frozenset[tuple[str, str]] = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"), ("copyreg", "_reconstructor"), ("builtins", "object"),
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("builtins", "bytearray"), ("builtins", "complex"),
+})
+
+_REFUSED_GLOBAL = re.compile(
+    r"(?:Unsupported global: GLOBAL |unsupported GLOBAL |but got <class ')([\w.]+)")
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle names a type or function outside :data:`SAFE_PICKLE_GLOBALS`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds only numpy arrays and plain data (no code runs on load)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in SAFE_PICKLE_GLOBALS or (module == "numpy.dtypes"
+                                                     and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise UnsafePickleError(f"{module}.{name}")
+
+
+def _refusal(path: str, type_name: str) -> TransferError:
+    return TransferError(path, f"the weights file pickles a {type_name} object, which safe "
+                               f"loading refuses (it could run code); if you trust the file, "
+                               f"pass --unsafe-load")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_unsafe(path: str) -> None:
+    if path not in _WARNED:
+        _WARNED.add(path)
+        print(f"warning: {path}: loading with full unpickling (--unsafe-load): this runs any "
+              f"code the file contains", file=sys.stderr, flush=True)
+
+
+def read_pickle(path: str, unsafe_load: bool = False) -> Any:
+    """The object in the pickle at ``path``, read with :class:`RestrictedUnpickler`.
+
+    With ``unsafe_load`` a file the restricted reader refuses is unpickled fully (warning).
+    """
+    with open(path, "rb") as f:
+        try:
+            return RestrictedUnpickler(f, encoding="latin1").load()
+        except UnsafePickleError as err:
+            if not unsafe_load:
+                raise _refusal(path, err.name) from None
+        _warn_unsafe(path)
+        f.seek(0)
+        return pickle.load(f, encoding="latin1")
+
+
+class SafeCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that never unpickles code from a file unless told to."""
+
+    def __init__(self, *args: Any, unsafe_load: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unsafe_load = unsafe_load
+
+    @classmethod
+    def replacing(cls, other: DetectionCheckpointer, unsafe_load: bool = False
+                  ) -> SafeCheckpointer:
+        """A safe checkpointer with the model, folder and checkpointables of ``other``."""
+        return cls(other.model, other.save_dir, save_to_disk=other.save_to_disk,
+                   unsafe_load=unsafe_load, **other.checkpointables)
+
+    def _load_file(self, filename: str) -> dict[str, Any]:
+        if not filename.endswith(".pkl"):
+            return super()._load_file(filename)
+        data = read_pickle(self.path_manager.get_local_path(filename), self.unsafe_load)
+        if not isinstance(data, dict):
+            raise TransferError(filename, f"a weights pickle holds a dict, this one a "
+                                          f"{type(data).__name__}")
+        if "model" in data and "__author__" in data:  # Detectron2 model-zoo format
+            return data
+        if "blobs" in data:  # Caffe2 / Detectron1 model zoo (as DetectionCheckpointer reads)
+            data = data["blobs"]
+        if not isinstance(data, dict):
+            raise TransferError(filename, "'blobs' of the weights pickle is not a dict")
+        data = {k: v for k, v in data.items() if not str(k).endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+    def _torch_load(self, f: str) -> Any:
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            refused = _REFUSED_GLOBAL.search(str(err))
+            if refused is None:
+                raise
+            if not self.unsafe_load:
+                raise _refusal(f, refused.group(1)) from None
+        _warn_unsafe(f)
+        return torch.load(f, map_location="cpu", weights_only=False)
+
+
+class RecordingCheckpointer(SafeCheckpointer):
     """A ``DetectionCheckpointer`` that keeps the incompatible keys of its last load."""
 
     incompatible: _IncompatibleKeys | None = None
@@ -59,21 +177,24 @@ class LoadReport:
         return self.resnet_total - len(self.resnet_missing)
 
 
-def load_weights(model: nn.Module, path: str) -> LoadReport:
+def load_weights(model: nn.Module, path: str, unsafe_load: bool = False) -> LoadReport:
     """Load ``path`` into ``model`` with Detectron2's checkpointer; report the ResNet part.
 
-    Raises :class:`TransferError` if the file is missing or not a weights file.
+    Raises :class:`TransferError` if the file is missing, not a weights file, or pickles
+    something safe loading refuses (without ``unsafe_load``).
     """
     file = Path(path)
     if not file.is_file():
         raise TransferError(path, "weights file not found")
-    checkpointer = RecordingCheckpointer(model)
+    checkpointer = RecordingCheckpointer(model, unsafe_load=unsafe_load)
     try:
         checkpointer.load(str(file))
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError,
-            AttributeError, TypeError, AssertionError) as err:
+            AttributeError, TypeError, AssertionError, IndexError, MemoryError,
+            OverflowError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise TransferError(path, f"not a weights file Detectron2 can read (a .pkl from "
-                                  f"m2t-convert or a Detectron2 .pth): {err}") from None
+                                  f"m2t-convert or a Detectron2 .pth): {first}") from None
     incompatible = checkpointer.incompatible
     missing = set(incompatible.missing_keys) if incompatible else set()
     expected = resnet_keys(model)
@@ -101,7 +222,8 @@ def require_backbone(report: LoadReport, cfg: CfgNode, config_name: str) -> None
     )
 
 
-def check_weights(cfg: CfgNode, path: str, config_name: str) -> LoadReport:
+def check_weights(cfg: CfgNode, path: str, config_name: str,
+                  unsafe_load: bool = False) -> LoadReport:
     """Build the model of ``cfg`` on the CPU and check that ``path`` fills its backbone."""
     probe = cfg.clone()
     probe.defrost()
@@ -110,7 +232,7 @@ def check_weights(cfg: CfgNode, path: str, config_name: str) -> LoadReport:
     logging.disable(logging.WARNING)  # the checkpointer's per-key notes come again in training
     try:
         model = build_model(probe)
-        report = load_weights(model, path)
+        report = load_weights(model, path, unsafe_load)
     finally:
         logging.disable(previous)
     require_backbone(report, cfg, config_name)
@@ -122,8 +244,6 @@ def _converted_arch(path: str) -> str | None:
     if not path.endswith(".pkl"):
         return None
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-        return data.get("m2t_convert", {}).get("arch")
+        return read_pickle(path).get("m2t_convert", {}).get("arch")
     except Exception:  # noqa: BLE001 - only a hint for the error message
         return None
