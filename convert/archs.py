@@ -86,6 +86,15 @@ def check(tensors: Mapping[str, torch.Tensor], arch: str) -> list[str]:
     if unexpected:
         problems.append(f"{len(unexpected)} tensor(s) are not part of a torchvision {arch}, e.g. "
                         f"{', '.join(unexpected[:3])}")
+    for key, tensor in tensors.items():
+        counter = key.endswith("num_batches_tracked")
+        if tensor.layout != torch.strided or tensor.is_quantized or (
+                not counter and not tensor.is_floating_point()):
+            kind = f"{tensor.dtype}" + ("" if tensor.layout == torch.strided else
+                                        f", {tensor.layout}")
+            problems.append(f"{key} holds {kind} values; a backbone's weights are dense "
+                            f"floating-point tensors")
+            break
     for key, shape in expected.items():
         if key in tensors and tensors[key].shape != shape:
             problems.append(f"{key} has shape {tuple(tensors[key].shape)}, a torchvision {arch} "

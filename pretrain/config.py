@@ -166,7 +166,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserError(f"{path}: config file not found")
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(f"{path}: not valid YAML ({first})") from None
         if not isinstance(data, dict):
@@ -186,7 +186,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = raw
         _apply(cfg, key.strip(), value, "command line")
     _validate(cfg)

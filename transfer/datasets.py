@@ -16,6 +16,7 @@ COCO/LVIS format, every image listed is present) and returns a picklable
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -133,6 +134,8 @@ def read_annotation_json(path: Path) -> dict[str, Any]:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise TransferError(path, f"not valid JSON ({err})") from None
+    except RecursionError:
+        raise TransferError(path, "not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise TransferError(path, "not a COCO-format annotation file: expected a JSON object "
                                   f"with images, annotations and categories, found a "
@@ -194,21 +197,77 @@ def _check_format(path: Path, data: dict[str, Any], kind: str) -> None:
         for i, entry in enumerate(data[key]):
             if not isinstance(entry, dict) or any(r not in entry for r in required):
                 raise bad(f"{key}[{i}] lacks one of {', '.join(required)}")
+    for i, cat in enumerate(data["categories"]):
+        if not is_id(cat["id"]) or not isinstance(cat["name"], str):
+            raise bad(f"categories[{i}] needs an integer 'id' and a string 'name'")
+        if "synonyms" in cat and not (isinstance(cat["synonyms"], list)
+                                      and all(isinstance(s, str) for s in cat["synonyms"])):
+            raise bad(f"categories[{i}] has 'synonyms' that are not a list of strings")
+        if "image_count" in cat and not is_id(cat["image_count"]):
+            raise bad(f"categories[{i}] has an 'image_count' that is not an integer")
+        if kind == "lvis" and cat.get("frequency") not in ("r", "c", "f"):
+            raise bad(f"categories[{i}] has a 'frequency' other than r, c or f")
     image_key = "coco_url" if kind == "lvis" else "file_name"
     for i, img in enumerate(data["images"]):
         if image_key not in img:
             raise bad(f"images[{i}] has no '{image_key}'")
+        if not isinstance(img[image_key], str) or not img[image_key]:
+            raise bad(f"images[{i}] has a '{image_key}' that is not a file name")
+        if not is_id(img["id"]) or not all(is_number(img[k]) and img[k] > 0
+                                           for k in ("height", "width")):
+            raise bad(f"images[{i}] needs an integer 'id' and positive 'height' and 'width'")
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            if key in img and not (isinstance(img[key], list) and all(map(is_id, img[key]))):
+                raise bad(f"images[{i}] has '{key}' that is not a list of category ids")
     cat_ids = {c["id"] for c in data["categories"]}
     img_ids = {img["id"] for img in data["images"]}
     for i, ann in enumerate(data["annotations"]):
+        if not is_id(ann["image_id"]) or not is_id(ann["category_id"]):
+            raise bad(f"annotations[{i}] needs integer 'image_id' and 'category_id'")
         if ann["category_id"] not in cat_ids:
             raise bad(f"annotations[{i}] has category_id {ann['category_id']}, not in categories")
         if ann["image_id"] not in img_ids:
             raise bad(f"annotations[{i}] has image_id {ann['image_id']}, not in images")
-        if not (isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4):
+        if not is_id(ann.get("id")):
+            raise bad(f"annotations[{i}] needs an integer 'id'")
+        if kind == "coco" and ann.get("iscrowd") not in (0, 1):
+            raise bad(f"annotations[{i}] needs 'iscrowd' 0 or 1 (COCO evaluation reads it)")
+        if not is_box(ann["bbox"]):
             raise bad(f"annotations[{i}] has a bbox that is not [x, y, width, height]")
+        if "segmentation" in ann and not is_segmentation(ann["segmentation"]):
+            raise bad(f"annotations[{i}] has a segmentation that is neither polygons nor RLE")
+        if not all(is_number(ann[k]) for k in ("area", "iscrowd") if k in ann):
+            raise bad(f"annotations[{i}] has an 'area' or 'iscrowd' that is not a number")
     if kind == "lvis" and sorted(cat_ids) != list(range(1, len(cat_ids) + 1)):
         raise bad("LVIS category ids must be 1..N")
+
+
+def is_id(value: Any) -> bool:
+    """Whether ``value`` can be a COCO id (an integer; JSON has no other hashable number)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite JSON number (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_box(value: Any) -> bool:
+    """``[x, y, width, height]`` of finite numbers."""
+    return isinstance(value, list) and len(value) == 4 and all(map(is_number, value))
+
+
+def is_segmentation(value: Any) -> bool:
+    """COCO polygons (lists of at least 3 x, y pairs) or an RLE ``{"size", "counts"}``."""
+    if isinstance(value, list):
+        return all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                   and all(map(is_number, p)) for p in value)
+    if isinstance(value, dict):
+        size, counts = value.get("size"), value.get("counts")
+        return (isinstance(size, list) and len(size) == 2 and all(map(is_id, size))
+                and (isinstance(counts, str) or (isinstance(counts, list)
+                                                 and all(map(is_id, counts)))))
+    return False
 
 
 def image_relpath(img: dict[str, Any], kind: str) -> str:

@@ -27,7 +27,15 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from . import compat  # noqa: F401  (np.float for the lvis package)
-from .datasets import DatasetSpec, read_annotation_json, resolve_dataset
+from .datasets import (
+    DatasetSpec,
+    is_box,
+    is_id,
+    is_number,
+    is_segmentation,
+    read_annotation_json,
+    resolve_dataset,
+)
 from .errors import TransferError
 from .report import COCO_METRICS, clean_metrics, write_run_results
 
@@ -42,6 +50,8 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise TransferError(path, f"not valid JSON ({err})") from None
+    except RecursionError:
+        raise TransferError(path, "not valid JSON (nested too deeply)") from None
     if not isinstance(data, list):
         raise TransferError(path, "not a COCO-format results file: expected a JSON list of "
                                   "detections {image_id, category_id, score, bbox/segmentation}")
@@ -61,8 +71,15 @@ def check_predictions(source: str, detections: Sequence[dict[str, Any]],
             raise TransferError(source, f"detection {i} lacks image_id, category_id or score")
         if "bbox" not in det and "segmentation" not in det:
             raise TransferError(source, f"detection {i} has neither bbox nor segmentation")
-        if "bbox" in det and not (isinstance(det["bbox"], list) and len(det["bbox"]) == 4):
+        if not (is_id(det["image_id"]) and is_id(det["category_id"])
+                and is_number(det["score"])):
+            raise TransferError(source, f"detection {i} needs integer image_id and category_id "
+                                        f"and a numeric score")
+        if "bbox" in det and not is_box(det["bbox"]):
             raise TransferError(source, f"detection {i} has a bbox that is not [x, y, w, h]")
+        if "segmentation" in det and not is_segmentation(det["segmentation"]):
+            raise TransferError(source, f"detection {i} has a segmentation that is neither "
+                                        f"polygons nor RLE")
     bad_img = [d["image_id"] for d in detections if d["image_id"] not in img_ids]
     if bad_img:
         raise TransferError(source, f"{len(bad_img)} detections name images that are not in the "

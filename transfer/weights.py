@@ -104,6 +104,10 @@ def read_pickle(path: str, unsafe_load: bool = False) -> Any:
         except UnsafePickleError as err:
             if not unsafe_load:
                 raise _refusal(path, err.name) from None
+        except Exception as err:  # noqa: BLE001 - a damaged pickle fails in any type it builds
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise TransferError(path, f"not a weights file Detectron2 can read (a .pkl from "
+                                      f"m2t-convert or a Detectron2 .pth): {first}") from None
         _warn_unsafe(path)
         f.seek(0)
         return pickle.load(f, encoding="latin1")

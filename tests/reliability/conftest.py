@@ -96,6 +96,10 @@ def ledger() -> Ledger:
     return _LEDGER
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "reader(name): the reader a fuzz test counts inputs for")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     """Print the ledger's totals and write them as JSON (only when this suite ran)."""
     if not (_LEDGER.faults or _LEDGER.inputs):
@@ -155,6 +159,38 @@ def started_run(tiny_train: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     assert main(["train", "--data", str(tiny_train), "--out", str(run), *TINY,
                  "train.steps=8", "--stop-after", "2"]) == 0
     return run
+
+
+def make_coco_dataset(folder: Path, num_images: int = 4, size: int = 128, seed: int = 0) -> Path:
+    """Dark images with two bright squares each, as COCO JSON with polygon masks (2 classes).
+
+    Layout: ``folder/images/*.png`` beside ``folder/annotations.json``; returns the JSON.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        img = Image.new("RGB", (size, size), (20, 20, 30))
+        draw = ImageDraw.Draw(img)
+        for k in range(2):
+            s = int(rng.integers(24, 40))
+            x = int(rng.integers(0, size // 2 - s)) + k * size // 2
+            y = int(rng.integers(0, size - s))
+            draw.rectangle([x, y, x + s, y + s], fill=(200, 60 + 120 * k, 60))
+            poly = [x, y, x + s, y, x + s, y + s, x, y + s]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                "category_id": k + 1, "bbox": [x, y, s, s], "area": s * s,
+                                "iscrowd": 0, "segmentation": [poly]})
+        img.save(folder / "images" / f"{i:03d}.png")
+        images.append({"id": i + 1, "file_name": f"{i:03d}.png", "height": size, "width": size})
+    path = folder / "annotations.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "red"},
+                                               {"id": 2, "name": "orange"}]}))
+    return path
 
 
 @pytest.fixture(autouse=True)
