@@ -31,7 +31,7 @@ SHARED_CIFAR = Path(os.environ.get("MOMENTUM2_DATA", REPO.parent / "shared" / "d
 # (full demo, --quick) settings
 SETTINGS = {
     "full": {"shapes_train": 300, "shapes_val": 50, "shapes_size": 96,
-             "pretrain": ["train.steps=150", "data.batch_size=64", "data.image_size=32"],
+             "pretrain": ["train.steps=100", "data.batch_size=32", "data.image_size=32"],
              "transfer": ["SOLVER.MAX_ITER", "80", "SOLVER.STEPS", "(60,)",
                           "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "10",
                           "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
