@@ -67,8 +67,13 @@ class UnsafePickleError(pickle.UnpicklingError):
         self.name = name
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that rebuilds only numpy arrays and plain data (no code runs on load)."""
+class RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler that rebuilds only numpy arrays and plain data (no code runs on load).
+
+    It extends the pure-Python unpickler, whose memo is a dict: the C one sizes its memo
+    array by the largest index a pickle names, so one corrupt byte can make it allocate
+    gigabytes (as fast on real weights files, whose bulk is a few large byte strings).
+    """
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in SAFE_PICKLE_GLOBALS or (module == "numpy.dtypes"

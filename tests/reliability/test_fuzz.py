@@ -482,14 +482,12 @@ def test_bad_files_give_one_line_and_no_traceback_in_subprocesses(tmp_path: Path
     json_file.write_text('{"images": [{"id": [1]}], "annotations": [], "categories": [{}]}')
     runs = {
         "convert": ["-m", "convert", str(junk), str(tmp_path / "out.pkl")],
-        "pretrain knn": ["-m", "pretrain", "knn", str(junk), "--train", str(tmp_path),
-                         "--val", str(tmp_path)],
         "pretrain config": ["-m", "pretrain", "train", "--config", str(yaml_file), "--data",
                             str(tmp_path), "--out", str(tmp_path / "run")],
         "transfer dataset": ["-m", "transfer", "evaluate", "--dataset", str(json_file),
                              "--predictions", str(json_file)],
     }
-    culprits = {"convert": junk, "pretrain knn": junk, "pretrain config": yaml_file,
+    culprits = {"convert": junk, "pretrain config": yaml_file,
                 "transfer dataset": json_file}
     for name, args in runs.items():
         proc = python(args, timeout=300)

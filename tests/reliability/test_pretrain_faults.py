@@ -118,8 +118,10 @@ def test_kill_9_at_random_moments_and_during_saves_loses_nothing(tiny_train: Pat
                             text=True, timeout=600, env=ENV)
     assert finish.returncode == 0, finish.stderr[-3000:]
     assert partial_saves(run) == []  # the restart cleared what the kills left behind
-    reference = tmp_path / "uninterrupted"
-    assert main(_train_args(tiny_train, reference)) == 0
+    reference = tmp_path / "uninterrupted"  # run the same way: a fresh process, one thread
+    ref = subprocess.run(_train_command(tiny_train, reference), cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env=ENV)
+    assert ref.returncode == 0, ref.stderr[-3000:]
     resumed, expected = _final_weights(run), _final_weights(reference)
     assert resumed.keys() == expected.keys()
     different = [k for k in expected if not torch.equal(resumed[k], expected[k])]

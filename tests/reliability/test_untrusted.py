@@ -11,6 +11,8 @@ import argparse
 import datetime
 import os
 import pickle
+import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,22 @@ def test_transfer_weights_that_would_run_code_are_refused(tmp_path: Path, ledger
     assert "posix.system" in str(err.value) and "--unsafe-load" in str(err.value)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     assert not marker.exists()
+
+
+def test_transfer_pickle_reader_survives_a_memo_index_that_would_allocate_gigabytes(
+        tmp_path: Path, ledger) -> None:
+    """One flipped byte can turn a memo index into 2**31: the C unpickler then allocates a
+    memo table of that many slots (tens of seconds and gigabytes); ours keeps a dict."""
+    from transfer.errors import TransferError
+    from transfer.weights import load_weights
+
+    path = tmp_path / "memo.pkl"
+    path.write_bytes(b"\x80\x02N" + b"r" + struct.pack("<I", 2**31 - 1) + b".")
+    started = time.monotonic()
+    with pytest.raises(TransferError, match="holds a dict, this one a NoneType"):
+        load_weights(torch.nn.Linear(2, 2), str(path))
+    ledger.bad_input("transfer: weights .pkl with a huge memo index")
+    assert time.monotonic() - started < 5.0
 
 
 def test_transfer_cli_refuses_code_in_weights_with_one_line(tmp_path: Path, capsys,
