@@ -161,3 +161,19 @@ def test_converting_a_torchvision_resnet_keeps_eval_outputs_identical() -> None:
 def test_momentum_bn_rejects_a_single_value_per_channel_in_training() -> None:
     with pytest.raises(ValueError, match="more than one value"):
         make_bn()(torch.ones(1, 1))
+
+
+def test_momentum_bn_training_step_reads_no_scalar_back_from_the_device() -> None:
+    # int(step) per forward would stall the host on a GPU once per BN and view (SPEC §1.6 speed)
+    bn = make_bn(step=2)
+    bn(X)  # the first forward reads step and total_steps once
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        bn(X)
+        bn(torch.tensor([[5.0], [9.0]]))
+        bn.commit()
+        bn(X)
+    reads = sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+    assert reads == 0
+    assert bn.alpha == pytest.approx(bn_alpha(3, 4))
+    bn.step.fill_(4)  # a change made outside commit() is seen
+    assert bn.alpha == 0.0
