@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real data slices live, and skips when they are absent."""
+"""Shared fixtures: where the real data slices live (skipped when absent), and tiny cuts of them."""
 
 from __future__ import annotations
 
@@ -32,3 +32,24 @@ def coco_mini() -> Path:
 @pytest.fixture(scope="session")
 def lvis_mini() -> Path:
     return _data_dir("lvis_mini")
+
+
+def link_subset(src: Path, dst: Path, classes: int, per_class: int) -> Path:
+    """``dst/<class>/<image>`` symlinks to the first images of the first classes of ``src``."""
+    for cls in sorted(p.name for p in src.iterdir())[:classes]:
+        (dst / cls).mkdir(parents=True)
+        for img in sorted((src / cls).iterdir())[:per_class]:
+            os.symlink(img.resolve(), dst / cls / img.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_train(cifar10_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 CIFAR-10 training images (4 classes × 16): 8 steps per epoch at batch 8."""
+    return link_subset(cifar10_mini / "train", tmp_path_factory.mktemp("tiny") / "train", 4, 16)
+
+
+@pytest.fixture(scope="session")
+def tiny_val(cifar10_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 labelled images of the same 4 classes, for the kNN monitor."""
+    return link_subset(cifar10_mini / "val", tmp_path_factory.mktemp("tinyval") / "val", 4, 8)

@@ -32,27 +32,6 @@ TINY = ["model.arch=resnet18", "model.proj_hidden_dim=64", "model.proj_dim=32",
         "optim.base_lr=1.0", "optim.warmup_epochs=0", "train.device=cpu"]
 
 
-def link_subset(src: Path, dst: Path, classes: int, per_class: int) -> Path:
-    """``dst/<class>/<image>`` symlinks to the first images of the first classes of ``src``."""
-    for cls in sorted(p.name for p in src.iterdir())[:classes]:
-        (dst / cls).mkdir(parents=True)
-        for img in sorted((src / cls).iterdir())[:per_class]:
-            os.symlink(img.resolve(), dst / cls / img.name)
-    return dst
-
-
-@pytest.fixture(scope="session")
-def tiny_train(cifar10_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """64 training images (4 classes × 16): 8 steps per epoch at batch 8."""
-    return link_subset(cifar10_mini / "train", tmp_path_factory.mktemp("tiny") / "train", 4, 16)
-
-
-@pytest.fixture(scope="session")
-def tiny_val(cifar10_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """32 labelled images of the same 4 classes, for the kNN monitor."""
-    return link_subset(cifar10_mini / "val", tmp_path_factory.mktemp("tinyval") / "val", 4, 8)
-
-
 # ----- the ledger ------------------------------------------------------------------------
 @dataclass
 class Ledger:
