@@ -56,7 +56,7 @@ def run(cmd: list[str], log: Path) -> None:
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=REPO)
+                                cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
