@@ -30,12 +30,13 @@ SHARED_CIFAR = Path(os.environ.get("MOMENTUM2_DATA", REPO.parent / "shared" / "d
 
 # (full demo, --quick) settings
 SETTINGS = {
-    "full": {"shapes_train": 300, "shapes_val": 50, "shapes_size": 96,
-             "pretrain": ["train.steps=100", "data.batch_size=32", "data.image_size=32"],
+    "full": {"shapes_train": 300, "shapes_val": 50, "shapes_size": 64,
+             "pretrain": ["train.steps=60", "data.batch_size=32", "data.image_size=32",
+                          "optim.warmup_epochs=0.05"],
              "transfer": ["SOLVER.MAX_ITER", "80", "SOLVER.STEPS", "(60,)",
                           "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "10",
-                          "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
-                          "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
+                          "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+                          "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
                           "TEST.PRECISE_BN.NUM_ITER", "4"]},
     "quick": {"shapes_train": 8, "shapes_val": 4, "shapes_size": 64,
               "pretrain": ["train.steps=2", "data.batch_size=8", "data.image_size=32",
