@@ -15,13 +15,19 @@ Three interleaved comparisons, each in one process:
 3. **Whole steps by method** (``Trainer.train_step``): byol, m2t, eman, projector_only and
    m2t + residual momentum, as ratios to m2t and to byol. projector_only skips the teacher's
    backbone passes: SPEC §1.4 expects about a third of the step saved (≈ 0.7× m2t).
+
+``--baseline-rev REV`` adds, to comparison 1, the momentum BN of an earlier git revision
+(``pretrain/momentum_bn.py`` as it was at REV, loaded beside the current one), so a change
+to it is measured before/after in one interleaved run, host-device syncs included.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -34,6 +40,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._harness import (  # noqa: E402
+    REPO,
     fmt_ms,
     interleave,
     machine,
@@ -47,6 +54,7 @@ from benchmarks.pretrain_speed import build_ours, lightly_available, make_inputs
 from pretrain.config import load_config  # noqa: E402
 from pretrain.ema import update_ema, update_ema_loop  # noqa: E402
 from pretrain.methods import build_method  # noqa: E402
+from pretrain.model import Encoder  # noqa: E402
 from pretrain.momentum_bn import MomentumBatchNorm2d  # noqa: E402
 
 STEP_METHODS = {
@@ -62,6 +70,24 @@ def rows_for(times: dict[str, list[float]], ref: str, group: str) -> list[dict[s
     return [{"group": group, "name": name, "median_s": median(ts), "iqr_rel": spread(ts),
              "ratio": paired_ratio(ts, times[ref]), "ref": ref, "times_s": ts}
             for name, ts in times.items()]
+
+
+def momentum_bn_at(rev: str):
+    """``pretrain/momentum_bn.py`` as it was at git revision ``rev``, as a module."""
+    source = subprocess.run(["git", "show", f"{rev}:pretrain/momentum_bn.py"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"momentum_bn_{rev}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"momentum_bn_{rev}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def host_syncs(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
 
 
 def teacher_forward(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -82,11 +108,27 @@ def teacher_forward(args: argparse.Namespace) -> list[dict[str, Any]]:
                 method.after_teacher_forwards()
         return f
 
-    times = interleave({"plain BN teacher (byol)": run(byol),
-                        "momentum BN teacher (m2t)": run(m2t)},
-                       rounds=args.rounds, warmup=2, device=dev)
+    fns = {"plain BN teacher (byol)": run(byol), "momentum BN teacher (m2t)": run(m2t)}
+    if args.baseline_rev:
+        old = momentum_bn_at(args.baseline_rev)
+        teacher = Encoder(arch, args.hidden, 256)
+        teacher.load_state_dict(m2t.teacher.state_dict(), strict=False)
+        teacher = old.convert_to_momentum_bn(teacher, 1000).to(dev).train()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+        def run_old():
+            with torch.no_grad():
+                teacher(x1)
+                teacher(x2)
+                old.commit_momentum_bn(teacher)
+
+        fns[f"momentum BN teacher, momentum_bn.py at {args.baseline_rev}"] = run_old
+    times = interleave(fns, rounds=args.rounds, warmup=2, device=dev)
     rows = rows_for(times, "plain BN teacher (byol)", f"teacher forward ×2 + commit, {arch} "
                                                      f"{size}px b{batch}")
+    for r in rows:
+        r["host_syncs"] = host_syncs(fns[r["name"]])
     # one layer alone: 64 channels at a quarter of the input side (a ResNet's layer1)
     side = max(size // 4, 2)
     x = torch.randn(batch, 64, side, side, device=dev)
@@ -102,9 +144,12 @@ def teacher_forward(args: argparse.Namespace) -> list[dict[str, Any]]:
                     bn.commit()
         return f
 
-    times = interleave({"nn.BatchNorm2d": layer(plain, False),
-                        "MomentumBatchNorm2d": layer(mom, True)},
-                       rounds=args.rounds * 10, warmup=5, device=dev, inner=20, progress=False)
+    fns = {"nn.BatchNorm2d": layer(plain, False), "MomentumBatchNorm2d": layer(mom, True)}
+    if args.baseline_rev:
+        fns[f"MomentumBatchNorm2d at {args.baseline_rev}"] = layer(
+            old.MomentumBatchNorm2d(64, 1000).to(dev).train(), True)
+    times = interleave(fns, rounds=args.rounds * 10, warmup=5, device=dev, inner=20,
+                       progress=False)
     rows += rows_for(times, "nn.BatchNorm2d", f"one BN layer ×2 + commit, ({batch}, 64, {side}, {side})")
     return rows
 
@@ -161,14 +206,19 @@ def render(rows: list[dict[str, Any]]) -> str:
         groups.setdefault(r["group"], []).append(r)
     for group, rs in groups.items():
         with_byol = any("vs_byol" in r for r in rs)
+        with_syncs = any("host_syncs" in r for r in rs)
         headers = ["what", "median (ms)", "IQR/median", f"time / {rs[0]['ref']}"]
         if with_byol:
             headers.append("time / byol")
+        if with_syncs:
+            headers.append("host syncs")
         table = []
         for r in rs:
             row = [r["name"], fmt_ms(r["median_s"]), f"{r['iqr_rel']:.2f}", f"{r['ratio']:.3f}"]
             if with_byol:
                 row.append(f"{r['vs_byol']:.3f}")
+            if with_syncs:
+                row.append(r["host_syncs"])
             table.append(row)
         out += [f"**{group}**", "", md_table(headers, table), ""]
     return "\n".join(out)
@@ -187,6 +237,8 @@ def main() -> None:
                         default=["teacher", "ema", "steps"])
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default 1 on the CPU, see pretrain_speed.py)")
+    parser.add_argument("--baseline-rev", default=None,
+                        help="also time pretrain/momentum_bn.py as of this git revision")
     parser.add_argument("--no-peer", dest="peer", action="store_false")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

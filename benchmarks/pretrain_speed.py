@@ -285,7 +285,7 @@ def parse_config(text: str) -> tuple[str, int, int]:
 def run_config(args: argparse.Namespace, config: str) -> list[dict[str, Any]]:
     arch, size, batch = parse_config(config)
     big = arch not in ("resnet18", "resnet34") and size >= 160
-    rounds = args.rounds or (4 if big and args.device == "cpu" else 10)
+    rounds = args.rounds or (8 if big and args.device == "cpu" else 12)
     warmup = 1 if big and args.device == "cpu" else args.warmup
     print(f"\n{arch} at {size} px, batch {batch} on {args.device}: {rounds} interleaved rounds",
           flush=True)

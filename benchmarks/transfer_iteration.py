@@ -17,8 +17,9 @@ forward with losses, backward, SGD step, as ``SimpleTrainer.run_step`` does.
   protocol differs: FrozenBN backbone with ``FREEZE_AT 2``, no norm in FPN and heads, the
   2-fc box head, BGR;
 - **stock + our norms**: the stock config with only our norm and freezing settings (BN in
-  backbone, FPN and heads, ``FREEZE_AT 0``): separates the cost of training every BN from
-  the cost of the box head's shape.
+  backbone, FPN and heads, ``FREEZE_AT 0``);
+- **stock + our box head**: the stock config with only our box head (convolutions + 1 fc,
+  BN); the last two separate the cost of training every BN from that of the head's shape.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ SIZE_KEYS = [
 # Our protocol's norm and freezing settings, for the third model.
 NORM_KEYS = ["MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
              "MODEL.ROI_MASK_HEAD.NORM", "MODEL.BACKBONE.FREEZE_AT"]
+# Our box head's shape (the protocol's "4conv1fc", 2 convolutions at demo size), with its norm.
+BOX_HEAD_KEYS = ["MODEL.ROI_BOX_HEAD.NUM_CONV", "MODEL.ROI_BOX_HEAD.NUM_FC",
+                 "MODEL.ROI_BOX_HEAD.NORM"]
 
 
 def configs(device: str):
@@ -78,11 +82,14 @@ def configs(device: str):
         set_key(stock, key, get_key(ours, key))
     stock.MODEL.DEVICE = device
     stock.MODEL.WEIGHTS = ""
-    mixed = stock.clone()
+    norms, head = stock.clone(), stock.clone()
     for key in NORM_KEYS:
-        set_key(mixed, key, get_key(ours, key))
+        set_key(norms, key, get_key(ours, key))
+    for key in BOX_HEAD_KEYS:
+        set_key(head, key, get_key(ours, key))
     return {"ours (demo_mask_rcnn_R_18_FPN_shapes)": ours, "stock model zoo, same sizes": stock,
-            "stock + our norms and FREEZE_AT 0": mixed}
+            "stock + our norms and FREEZE_AT 0": norms,
+            "stock + our box head (conv + 1 fc, BN)": head}
 
 
 def differences(a, b) -> list[str]:
