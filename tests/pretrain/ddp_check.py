@@ -31,8 +31,9 @@ def main(data: str, out: str, overrides: list[str]) -> int:
         gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, flat)
         same = all(torch.equal(gathered[0], g) for g in gathered)
-        print(f"rank {dist.get_rank()} {name} sum={flat.double().sum().item():.10f} "
-              f"identical_across_ranks={same}", flush=True)
+        sys.stdout.write(f"rank {dist.get_rank()} {name} sum={flat.double().sum().item():.10f} "
+                         f"identical_across_ranks={same}\n")  # one write: lines never interleave
+        sys.stdout.flush()
         if name != "teacher_bn_mean":
             ok &= same
     dist.destroy_process_group()
