@@ -51,8 +51,8 @@ SETTINGS = {
 
 def run(cmd: list[str], log: Path) -> None:
     """Print ``cmd`` as a copyable shell line, run it, tee its output to ``log``."""
-    shown = " ".join(shlex.quote(c) for c in cmd).replace(str(REPO) + "/", "")
-    shown = shown.replace(str(Path(sys.executable).parent) + "/", "")
+    shown = " ".join(shlex.quote(c) for c in cmd)
+    shown = shown.replace(str(Path(sys.executable).parent) + "/", "").replace(str(REPO) + "/", "")
     print(f"\n$ {shown}", flush=True)
     start = time.perf_counter()
     with open(log, "w") as f:
