@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -68,7 +69,7 @@ def run_cell(method: str, batch: int, seed: int, args: argparse.Namespace) -> di
         trainer.run()
         seconds = time.perf_counter() - start
         row = {"method": method, "batch": batch, "seed": seed, "steps": args.steps,
-               "train_seconds": round(seconds, 1)}
+               "train_seconds": round(seconds, 1), **machine()}
         for branch in ("teacher", "student"):
             backbone = trainer.model.export_backbone(branch)
             row[f"knn_{branch}"] = knn_eval(backbone, args.bank, args.val, args.image_size,
@@ -79,14 +80,21 @@ def run_cell(method: str, batch: int, seed: int, args: argparse.Namespace) -> di
     return row
 
 
+def machine() -> dict:
+    """Where a cell ran: threads, cores and the load when it finished (timings depend on it)."""
+    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load1": round(os.getloadavg()[0], 1), "torch": torch.__version__}
+
+
 def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds of each (steps, batch, method) cell."""
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
-        cells.setdefault((r["method"], r["batch"]), []).append(r)
+        cells.setdefault((r["steps"], r["batch"], r["method"]), []).append(r)
     out = []
-    for (method, batch), rs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        s = {"method": method, "batch": batch, "seeds": len(rs)}
-        for key in ("knn_teacher", "knn_student", "gap"):
+    for (steps, batch, method), rs in sorted(cells.items()):
+        s = {"method": method, "batch": batch, "steps": steps, "seeds": len(rs)}
+        for key in ("knn_teacher", "knn_student", "gap", "train_seconds"):
             vals = [r[key] for r in rs if key in r]
             if vals:
                 s[key] = statistics.mean(vals)
@@ -95,52 +103,86 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def write_report(rows: list[dict], out_dir: Path, command: str) -> Path:
     summary = summarise(rows)
+    floor = next((s for s in summary if s["method"] == "random"), None)
+    trained = [s for s in summary if s["method"] != "random"]
+    loads = [r["load1"] for r in rows if "load1" in r]
+    threads = sorted({r["threads"] for r in rows if "threads" in r})
     lines = ["# Small-batch study: kNN top-1 (%) on cifar10_mini val, ResNet-18", "",
              "kNN: k = 20, cosine, T = 0.07, memory bank = a class-balanced subset of the "
-             "training images, queries = all validation images.", "",
-             f"Command: `{command}`", "",
-             f"Machine: {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"device {rows[0].get('device', 'cpu') if rows else 'cpu'}", "",
-             "| method | batch/process | seeds | teacher kNN | student kNN | student–teacher gap |",
-             "|---|---|---|---|---|---|"]
+             "training images, queries = all validation images. Mean ± standard deviation "
+             "over seeds.", "",
+             "Commands (each resumes the cells it lists that are missing):", "",
+             *[f"    {c}" for c in dict.fromkeys(r.get("command", command) for r in rows)], "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+             f"device {rows[-1].get('device', 'cpu') if rows else 'cpu'}"
+             + (f", {'/'.join(map(str, threads))} torch threads" if threads else "")
+             + (f", load average {min(loads)}–{max(loads)} at the end of the cells "
+                "(cells from before the load was recorded ran beside other jobs)"
+                if loads else ""), "",
+             "| steps | method | batch/process | seeds | teacher kNN | student kNN "
+             "| student–teacher gap | train s/cell |",
+             "|---|---|---|---|---|---|---|---|"]
 
-    def cell(s: dict, key: str) -> str:
+    def cell(s: dict, key: str, fmt: str = ".2f") -> str:
         if key not in s:
             return "–"
-        return f"{s[key]:.2f} ± {s[key + '_std']:.2f}" if s["seeds"] > 1 else f"{s[key]:.2f}"
+        if s["seeds"] > 1:
+            return f"{s[key]:{fmt}} ± {s[key + '_std']:{fmt}}"
+        return f"{s[key]:{fmt}}"
 
-    for s in summary:
-        batch = s["batch"] or "–"
-        lines.append(f"| {s['method']} | {batch} | {s['seeds']} | {cell(s, 'knn_teacher')} | "
-                     f"{cell(s, 'knn_student')} | {cell(s, 'gap')} |")
+    if floor:
+        lines.append(f"| 0 | random network (floor) | – | {floor['seeds']} | {cell(floor, 'knn_teacher')} | "
+                     f"{cell(floor, 'knn_student')} | – | – |")
+    for s in trained:
+        lines.append(f"| {s['steps']} | {s['method']} | {s['batch']} | {s['seeds']} | "
+                     f"{cell(s, 'knn_teacher')} | {cell(s, 'knn_student')} | {cell(s, 'gap')} | "
+                     f"{cell(s, 'train_seconds', '.0f')} |")
     md = out_dir / "small_batch_study.md"
-    md.write_text("\n".join(lines) + "\n")
+    atomic_write(md, lambda t: t.write_text("\n".join(lines) + "\n"))
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        methods = [s["method"] for s in summary if s["batch"] == summary[0]["batch"]]
-        batches = sorted({s["batch"] for s in summary})
-        fig, ax = plt.subplots(figsize=(8, 4))
-        width = 0.8 / max(len(batches), 1)
+    except ImportError:
+        return md
+    step_counts = sorted({s["steps"] for s in trained})
+    if not step_counts:
+        return md
+    fig, axes = plt.subplots(1, len(step_counts), figsize=(6 + 3 * len(step_counts), 4),
+                             squeeze=False)
+    for ax, steps in zip(axes[0], step_counts, strict=True):
+        part = [s for s in trained if s["steps"] == steps]
+        methods = list(dict.fromkeys(s["method"] for s in part))
+        batches = sorted({s["batch"] for s in part})
+        width = 0.8 / len(batches)
         for i, b in enumerate(batches):
-            vals = {s["method"]: s for s in summary if s["batch"] == b}
-            xs = [j + i * width for j in range(len(methods))]
-            ax.bar(xs, [vals.get(m, {}).get("knn_teacher", 0) for m in methods], width,
-                   yerr=[vals.get(m, {}).get("knn_teacher_std", 0) for m in methods],
+            vals = {s["method"]: s for s in part if s["batch"] == b}
+            xs = [j + i * width for j in range(len(methods)) if methods[j] in vals]
+            here = [m for m in methods if m in vals]
+            ax.bar(xs, [vals[m]["knn_teacher"] for m in here], width,
+                   yerr=[vals[m]["knn_teacher_std"] for m in here], capsize=3,
                    label=f"teacher, batch {b}")
+        if floor:
+            ax.axhline(floor["knn_teacher"], color="gray", ls="--", label="random network")
         ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(methods))])
         ax.set_xticklabels(methods, rotation=15)
         ax.set_ylabel("kNN top-1 (%)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "small_batch_study.png", dpi=120)
-    except ImportError:
-        pass
+        ax.set_title(f"{steps} steps")
+        lo = min([s["knn_teacher"] for s in part] + ([floor["knn_teacher"]] if floor else []))
+        ax.set_ylim(max(lo - 5, 0), None)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = out_dir / "small_batch_study.png"
+    atomic_write(png, lambda t: fig.savefig(t, dpi=120, format="png"))
+    plt.close(fig)
     return md
 
 
@@ -166,24 +208,26 @@ def main() -> int:
     args.bank = knn_bank(args.train, args.knn_bank_per_class, Path(tempfile.mkdtemp()))
     raw = out / "small_batch_study.jsonl"
     rows = [json.loads(x) for x in raw.read_text().splitlines()] if raw.exists() else []
-    done = {(r["method"], r["batch"], r["seed"]) for r in rows}
+    done = {(r["method"], r["batch"], r["seed"], r["steps"]) for r in rows}
     command = "python benchmarks/small_batch_study.py " + " ".join(sys.argv[1:])
     if not args.report_only:
-        if ("random", 0, 0) not in done:
-            row = {"method": "random init", "batch": 0, "seed": 0, "steps": 0}
-            for branch in ("teacher", "student"):
-                row[f"knn_{branch}"] = knn_eval(random_backbone("resnet18"), args.bank,
-                                                args.val, args.image_size)["knn_top1"]
-            rows.append({**row, "method": "random"})
+        for seed in args.seeds:
+            if ("random", 0, seed, 0) in done:
+                continue
+            row = {"method": "random", "batch": 0, "seed": seed, "steps": 0}
+            score = knn_eval(random_backbone("resnet18", seed), args.bank, args.val,
+                             args.image_size, device=args.device)["knn_top1"]
+            row.update(knn_teacher=score, knn_student=score, command=command, **machine())
+            rows.append(row)
             with open(raw, "a") as f:
-                f.write(json.dumps(rows[-1]) + "\n")
+                f.write(json.dumps(row) + "\n")
         for seed in args.seeds:
             for batch in args.batches:
                 for method in args.methods:
-                    if (method, batch, seed) in done:
+                    if (method, batch, seed, args.steps) in done:
                         continue
                     row = run_cell(method, batch, seed, args)
-                    row["device"] = args.device
+                    row.update(device=args.device, command=command)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
                     with open(raw, "a") as f:

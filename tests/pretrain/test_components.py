@@ -73,17 +73,26 @@ def test_headline_recipes_follow_the_spec() -> None:
     assert (lars.optim.name, lars.optim.base_lr, lars.optim.weight_decay) == ("lars", 0.3, 1e-6)
 
 
-@pytest.mark.parametrize("amp,channels_last", [("bf16", False), ("none", True)])
-def test_mixed_precision_and_channels_last_steps_run_on_cpu(amp: str, channels_last: bool) -> None:
+@pytest.mark.parametrize("method,amp,channels_last", [
+    ("m2t", "bf16", False), ("byol", "bf16", False), ("eman", "bf16", False),
+    ("projector_only", "bf16", False), ("m2t+residual", "bf16", False), ("m2t", "none", True)])
+def test_mixed_precision_and_channels_last_steps_run_on_cpu(method: str, amp: str,
+                                                            channels_last: bool) -> None:
+    name, _, residual = method.partition("+")
     cfg = load_config(None, ["model.arch=resnet18", "model.proj_hidden_dim=32",
-                             "model.proj_dim=16", f"train.amp={amp}"])
+                             "model.proj_dim=16", f"train.amp={amp}", f"model.method={name}",
+                             f"model.residual={str(bool(residual)).lower()}"])
     model = build_method(cfg, total_steps=4).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
+    conv_dtypes: list[torch.dtype] = []
+    model.student.backbone.conv1.register_forward_hook(
+        lambda _m, _i, out: conv_dtypes.append(out.dtype))
     x = torch.randn(4, 3, 32, 32).to(memory_format=fmt)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp == "bf16" else torch.autocast("cpu", enabled=False)
     with ctx:
         out = model(x, x.flip(-1))
     assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
+    assert set(conv_dtypes) == {torch.bfloat16 if amp == "bf16" else torch.float32}
     out["loss"].backward()
     assert model.student.backbone.conv1.weight.grad is not None
