@@ -203,11 +203,19 @@ def main() -> int:
                    help="training images per class in the kNN memory bank (0 = all)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    for flag in ("train", "val"):
+        if not Path(getattr(args, flag)).is_dir():
+            p.error(f"--{flag} {getattr(args, flag)}: not a folder of class sub-folders")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     args.bank = knn_bank(args.train, args.knn_bank_per_class, Path(tempfile.mkdtemp()))
     raw = out / "small_batch_study.jsonl"
-    rows = [json.loads(x) for x in raw.read_text().splitlines()] if raw.exists() else []
+    rows = []
+    for n, line in enumerate(raw.read_text().splitlines() if raw.exists() else [], 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill: that cell runs again
+            print(f"{raw}:{n}: not a JSON result line, ignored", file=sys.stderr)
     done = {(r["method"], r["batch"], r["seed"], r["steps"]) for r in rows}
     command = "python benchmarks/small_batch_study.py " + " ".join(sys.argv[1:])
     if not args.report_only:
