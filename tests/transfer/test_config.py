@@ -188,3 +188,30 @@ def test_bad_override_names_the_config_file() -> None:
 def test_batch_must_divide_over_the_processes() -> None:
     with pytest.raises(TransferError, match="does not divide evenly over 3 processes"):
         load_config("mask_rcnn_R_50_FPN_1x", world_size=3)
+
+
+@pytest.mark.parametrize(("name", "upstream"), [
+    ("mask_rcnn_R_50_FPN_1x", "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"),
+    ("mask_rcnn_R_50_C4_1x", "COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml"),
+    ("lvis_v1_mask_rcnn_R_50_FPN_1x", "LVISv1-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"),
+])
+def test_schedules_match_detectron2s_own_model_zoo_configs(name: str, upstream: str) -> None:
+    """A second source for the protocol: Detectron2's model zoo (LVIS v1 "1x" is 180k iterations)."""
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+
+    theirs = get_cfg()
+    theirs.merge_from_file(model_zoo.get_config_file(upstream))
+    ours = load_config(name)
+    for key in ("SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR",
+                "SOLVER.WARMUP_ITERS", "INPUT.MIN_SIZE_TRAIN", "INPUT.MAX_SIZE_TEST",
+                "DATASETS.TRAIN", "DATASETS.TEST", "DATALOADER.SAMPLER_TRAIN",
+                "DATALOADER.REPEAT_THRESHOLD", "TEST.DETECTIONS_PER_IMAGE",
+                "MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+                "MODEL.MASK_ON"):
+        mine, upstream_value = ours, theirs
+        for part in key.split("."):
+            mine, upstream_value = getattr(mine, part), getattr(upstream_value, part)
+        if isinstance(mine, (list, tuple)):
+            mine, upstream_value = tuple(mine), tuple(upstream_value)
+        assert mine == upstream_value, f"{name}: {key} is {mine}, Detectron2's {upstream} has {upstream_value}"
