@@ -171,6 +171,16 @@ def command_line() -> str:
                      *(shlex.quote(a) for a in sys.argv[1:])])
 
 
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` then rename onto ``path``: a killed run never leaves half a result file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_results(script: str, title: str, body: str, data: dict[str, Any],
                   info: dict[str, Any], load_before: Sequence[float] | None = None,
                   out_dir: Path | None = None) -> Path:
@@ -180,10 +190,11 @@ def write_results(script: str, title: str, body: str, data: dict[str, Any],
     md = [f"# {title}", "", "```bash", command_line(), "```", "", *machine_lines(info, load_before),
           "", body.rstrip(), ""]
     path = out_dir / f"{script}.md"
-    path.write_text("\n".join(md))
+    atomic_write(path, lambda t: t.write_text("\n".join(md)))
     payload = {"command": command_line(), "machine": info, "load_average_at_start": load_before,
                **data}
-    (out_dir / f"{script}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    atomic_write(out_dir / f"{script}.json",
+                 lambda t: t.write_text(json.dumps(payload, indent=1, default=str) + "\n"))
     return path
 
 

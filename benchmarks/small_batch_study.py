@@ -29,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._harness import atomic_write  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.evaluate import knn_eval, random_backbone  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
@@ -101,12 +102,6 @@ def summarise(rows: list[dict]) -> list[dict]:
                 s[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         out.append(s)
     return out
-
-
-def atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def write_report(rows: list[dict], out_dir: Path, command: str) -> Path:

@@ -1,5 +1,23 @@
 """Settings shared by the pretraining tests (fixtures ``tiny_train``/``tiny_val``: tests/conftest.py)."""
 
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
 TINY = ["model.arch=resnet18", "model.proj_hidden_dim=64", "model.proj_dim=32",
         "data.image_size=32", "data.batch_size=8", "data.workers=0", "train.log_every=1",
         "optim.base_lr=1.0", "optim.warmup_epochs=0"]
+
+
+def run_ddp_check(train: Path, run: Path, *overrides: str) -> tuple[str, list[str]]:
+    """Train TINY under torchrun with two gloo processes (ddp_check.py); its stdout and rank lines."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--standalone", str(HERE / "ddp_check.py"), str(train), str(run), *TINY,
+           *overrides, "train.device=cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE.parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, [line for line in proc.stdout.splitlines() if line.startswith("rank ")]

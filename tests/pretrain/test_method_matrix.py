@@ -9,8 +9,6 @@ whole training runs in the suite).
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +18,7 @@ from convert.__main__ import main as convert_main
 from pretrain.__main__ import main
 from pretrain.checkpoint import load_checkpoint
 
-from .conftest import TINY
-
-HERE = Path(__file__).resolve().parent
+from .conftest import TINY, run_ddp_check
 
 METHODS = {
     "byol": ["model.method=byol"],
@@ -69,14 +65,8 @@ def test_method_resumes_exactly_and_converts(method: str, tiny_train: Path,
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_keeps_two_gloo_ranks_in_lock_step(method: str, tiny_train: Path,
                                                   tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--standalone", str(HERE / "ddp_check.py"), str(tiny_train),
-           str(tmp_path / "run"), *TINY, *METHODS[method], "train.steps=2", "train.device=cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          cwd=HERE.parents[1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("rank ")]
+    stdout, lines = run_ddp_check(tiny_train, tmp_path / "run", *METHODS[method], "train.steps=2")
     for name in ("student", "teacher"):
         assert sum(f" {name} " in line and "identical_across_ranks=True" in line
-                   for line in lines) == 2, proc.stdout
+                   for line in lines) == 2, stdout
     assert (tmp_path / "run" / "last.pth").exists()
