@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = (Path(__file__).resolve().parent / "configs").resolve()  # the link, followed
 
 
 def resolve_config_path(name: str | None) -> Path | None:

@@ -22,7 +22,7 @@ from detectron2.engine import DefaultTrainer
 from . import modeling  # noqa: F401  (registers the parts our configs name: FCOS, ...)
 from .errors import TransferError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = (Path(__file__).resolve().parent / "configs").resolve()  # the link, followed
 
 logger = logging.getLogger(__name__)
 
