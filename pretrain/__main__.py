@@ -26,6 +26,9 @@ def resolve_config_path(name: str | None) -> Path | None:
         if candidate.is_file():
             return candidate
     known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    if not known:
+        raise UserError(f"{CONFIG_DIR}: no shipped configs here (the package's configs link to "
+                        "configs/pretrain is missing or broken); give a path to a YAML file")
     raise UserError(f"{name}: config not found (not a file, nor one of {', '.join(known)})")
 
 

@@ -46,10 +46,13 @@ def resolve_config(name_or_path: str) -> Path:
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
+    known = available_configs()
+    if not known:
+        raise TransferError(CONFIG_DIR, "no shipped configs here (the package's configs link to "
+                            "configs/transfer is missing or broken); give a path to a YAML file")
     raise TransferError(
         name_or_path,
-        "unknown config; give a path to a Detectron2 YAML file or one of: "
-        + ", ".join(available_configs()),
+        "unknown config; give a path to a Detectron2 YAML file or one of: " + ", ".join(known),
     )
 
 

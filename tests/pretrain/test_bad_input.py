@@ -153,3 +153,13 @@ def test_profile_writes_a_trace(tiny_train: Path, tmp_path: Path) -> None:
     assert main(["train", "--data", str(tiny_train), "--out", str(run), *TINY, "train.steps=4",
                  "--profile", "2"]) == 0
     assert list((run / "profile").glob("*.json*")), "no profiler trace written"
+
+
+def test_a_broken_configs_link_is_named_not_an_empty_list(tmp_path: Path, capsys,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import pretrain.__main__ as cli
+
+    monkeypatch.setattr(cli, "CONFIG_DIR", tmp_path / "configs")  # as a checkout without links
+    line = run_error(["train", "--config", "resnet18_cifar", "--data", str(tmp_path),
+                      "--out", str(tmp_path / "r")], capsys)
+    assert str(tmp_path / "configs") in line and "link" in line

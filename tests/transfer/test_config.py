@@ -215,3 +215,11 @@ def test_schedules_match_detectron2s_own_model_zoo_configs(name: str, upstream: 
         if isinstance(mine, (list, tuple)):
             mine, upstream_value = tuple(mine), tuple(upstream_value)
         assert mine == upstream_value, f"{name}: {key} is {mine}, Detectron2's {upstream} has {upstream_value}"
+
+
+def test_a_broken_configs_link_is_named_not_an_empty_list(tmp_path, monkeypatch) -> None:
+    import transfer.config as config
+
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path / "configs")  # as a checkout without links
+    with pytest.raises(TransferError, match="configs link to configs/transfer is missing"):
+        resolve_config("mask_rcnn_R_50_FPN_1x")
