@@ -159,7 +159,7 @@ def ema(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(f"\n2. teacher EMA, {args.ema_arch} backbone + projector", flush=True)
     method = build_method(load_config(None, ["model.method=m2t", f"model.arch={args.ema_arch}"]),
                           1000).to(dev)
-    teacher, student = method._pairs
+    teacher, student = method.ema_pairs()
     n = sum(t.numel() for t in teacher)
     fns = {
         "update_ema (fused _foreach_lerp_)": lambda: update_ema(teacher, student, 0.99),

@@ -17,7 +17,7 @@ from .config import Config
 from .ema import update_ema
 from .loss import cosine_gap, regression_loss, symmetric_byol_loss
 from .model import Encoder, Student
-from .momentum_bn import commit_momentum_bn, convert_to_momentum_bn, momentum_bn_modules
+from .momentum_bn import commit_momentum_bn, convert_to_momentum_bn
 from .schedules import cosine_momentum
 
 METHODS = Registry("METHOD")
@@ -40,6 +40,11 @@ class StudentTeacher(nn.Module):
 
     Subclasses say how the teacher is built (``_make_teacher``), how it embeds a view
     (``teacher_embed``) and what happens to it after the optimiser step (``update_teacher``).
+
+    No method keeps a list of tensors between calls: ``Module.to()`` (a GPU, another dtype,
+    channels_last) replaces buffers, and may replace parameters, so every pair the EMA
+    updates is looked up from the modules when it is needed (``ema_pairs``, EMAN's
+    ``bn_stat_pairs``). Listing them costs well under a millisecond per step.
     """
 
     default_momentum = 0.996
@@ -56,7 +61,6 @@ class StudentTeacher(nn.Module):
         self.teacher = self._make_teacher()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self._pairs = self._ema_pairs()
 
     # ----- what varies between methods -----------------------------------------------------
     def _make_teacher(self) -> nn.Module:
@@ -64,7 +68,8 @@ class StudentTeacher(nn.Module):
         teacher.load_state_dict(self.student.state_dict(), strict=False)  # step 0: T = S
         return teacher
 
-    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(teacher, student) tensors the weight EMA pairs up, looked up now."""
         return list(self.teacher.parameters()), self.student.encoder_parameters()
 
     def teacher_embed(self, x: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
@@ -76,14 +81,10 @@ class StudentTeacher(nn.Module):
     def update_teacher(self, step: int) -> float:
         """EMA the teacher towards the student after optimiser step ``step``; returns m."""
         m = cosine_momentum(step, self.total_steps, self.base_momentum)
-        update_ema(*self._pairs, momentum=m)
+        update_ema(*self.ema_pairs(), momentum=m)
         return m
 
     # ----- shared --------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> StudentTeacher:
-        super().train(mode)
-        return self
-
     def forward(self, x1: torch.Tensor, x2: torch.Tensor,
                 student: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Loss and metrics for one step. ``student`` may be the DDP-wrapped student."""
@@ -118,7 +119,6 @@ class BYOL(StudentTeacher):
         if cfg.model.sync_bn:
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
-            self._pairs = self._ema_pairs()
 
 
 @register("m2t")
@@ -136,10 +136,6 @@ class M2T(StudentTeacher):
         if self.teacher.training:
             commit_momentum_bn(self.teacher)
 
-    def momentum_bn_alpha(self) -> float:
-        mods = momentum_bn_modules(self.teacher)
-        return mods[0].alpha if mods else float("nan")
-
 
 @register("eman")
 class EMAN(StudentTeacher):
@@ -151,11 +147,9 @@ class EMAN(StudentTeacher):
 
     default_momentum = 0.996
 
-    def __init__(self, cfg: Config, total_steps: int) -> None:
-        super().__init__(cfg, total_steps)
-        self._stat_pairs = self._bn_stat_pairs()
-
-    def _bn_stat_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
+    def bn_stat_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
+        """Teacher and student running means/vars and counters, looked up now (buffers are
+        replaced by every ``.to()``: a list kept from ``__init__`` would go stale)."""
         t_bns = [m for m in self.teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         s_bns = [m for m in (*self.student.backbone.modules(), *self.student.projector.modules())
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -171,7 +165,7 @@ class EMAN(StudentTeacher):
 
     def update_teacher(self, step: int) -> float:
         m = super().update_teacher(step)
-        stats_t, stats_s, counters = self._stat_pairs
+        stats_t, stats_s, counters = self.bn_stat_pairs()
         update_ema(stats_t, stats_s, momentum=m)
         with torch.no_grad():
             for t, s in counters:
@@ -195,7 +189,7 @@ class ProjectorOnly(M2T):
         return nn.ModuleDict({"projector": convert_to_momentum_bn(
             projector, self.total_steps, self.cfg.model.double_variance_correction)})
 
-    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return list(self.teacher.parameters()), list(self.student.projector.parameters())
 
     def teacher_embed(self, x: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:

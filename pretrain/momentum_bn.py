@@ -59,6 +59,14 @@ class _MomentumBatchNorm(nn.Module):
         self._recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._host: dict[str, tuple[torch.Tensor, int, int]] = {}
 
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.cuda()``, ``.double()``...: buffers are replaced, so drop every cached
+        reference to the old ones. Statistics recorded but not yet committed were computed on
+        the old device/dtype; they are discarded, as after a skipped step."""
+        self._recorded.clear()
+        self._host.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     def _host_value(self, name: str) -> int:
         """Buffer ``name`` (``step``/``total_steps``) as a Python int, without a host–device
         sync per forward: the value is read from the device only when the buffer has changed
