@@ -88,7 +88,7 @@ class StudentTeacher(nn.Module):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor,
                 student: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Loss and metrics for one step. ``student`` may be the DDP-wrapped student."""
-        out = (student or self.student)(x1, x2)
+        out = (self.student if student is None else student)(x1, x2)
         with torch.no_grad():
             k1 = self.teacher_embed(x1, out["f1"].detach())
             k2 = self.teacher_embed(x2, out["f2"].detach())

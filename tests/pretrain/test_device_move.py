@@ -201,3 +201,13 @@ def test_trainer_builds_the_optimiser_on_the_moved_parameters(method: str, tiny_
     assert trainer.model.student.backbone.conv1.weight.is_contiguous(
         memory_format=torch.channels_last)
     assert stale_tensor_references(trainer.model) == []
+
+
+def test_a_compiled_student_can_be_passed_to_the_method() -> None:
+    """``train.compile`` hands the method ``torch.compile(student)``, a module wrapper without
+    ``__len__``: its truth value raised TypeError, so every compiled run failed at step 0."""
+    model = build("m2t")
+    compiled = torch.compile(model.student, backend="eager")
+    x1, x2 = inputs()
+    out = model(x1, x2, student=compiled)
+    assert out["loss"].requires_grad and torch.isfinite(out["loss"])
