@@ -9,7 +9,9 @@ Modules, one idea each:
 - ``modeling``: what the configs need beyond Detectron2's yacs registry (FCOS, the MoCo C4 head).
 - ``weights``: loading a converted ``.pkl`` and proving the backbone really received it.
 - ``train``: ``run_training`` / ``run_evaluation`` on Detectron2's ``DefaultTrainer`` + ``launch``.
-- ``evaluate``: score a COCO-format results file with pycocotools / lvis.
+- ``scoring``: the two COCO/LVIS evaluators, ``fast`` (faster-coco-eval) and ``official``
+  (pycocotools / lvis), with the same numbers.
+- ``evaluate``: score a COCO-format results file, and the trainer's evaluator.
 - ``report``: ``results.json`` + ``report.md`` per run, and runs side by side.
 - ``shapes``: a generated three-class shapes dataset in COCO format (demo, tests).
 

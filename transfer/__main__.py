@@ -5,6 +5,7 @@ Sub-commands::
     m2t-transfer train    --config NAME_OR_PATH --weights model.pkl [options] [KEY VALUE ...]
     m2t-transfer eval     --config NAME_OR_PATH --weights model_final.pth [options] [KEY VALUE ...]
     m2t-transfer evaluate --dataset NAME_OR_JSON --predictions results.json [--output-dir DIR]
+                          [--evaluator fast|official]
     m2t-transfer report   RUN_DIR [RUN_DIR ...] [--output-dir DIR]
     m2t-transfer configs
 
@@ -57,8 +58,17 @@ def _add_run_options(p: argparse.ArgumentParser, train: bool) -> None:
     if train:
         p.add_argument("--resume", action="store_true",
                        help="continue from the last checkpoint in --output-dir")
+    _add_evaluator_option(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="config overrides, after all options")
+
+
+def _add_evaluator_option(p: argparse.ArgumentParser) -> None:
+    from .scoring import EVALUATORS
+
+    p.add_argument("--evaluator", choices=EVALUATORS, default=None,
+                   help="COCO/LVIS evaluation: fast (faster-coco-eval, C++; the default) or "
+                        "official (pycocotools / lvis, pure Python); the same numbers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="COCO-format results JSON")
     p.add_argument("--dataset-root", help="folder holding coco/ and lvis/")
     p.add_argument("--output-dir", help="also write results.json and report.md here")
+    _add_evaluator_option(p)
     p = sub.add_parser("report", help="put several runs side by side (Markdown + PNG)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run directories, or folders holding them")
@@ -97,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
                       test_images=args.test_images, method=args.method,
                       num_gpus=args.num_gpus, num_machines=args.num_machines,
                       machine_rank=args.machine_rank, dist_url=args.dist_url,
-                      unsafe_load=args.unsafe_load)
+                      unsafe_load=args.unsafe_load, evaluator=args.evaluator)
         if args.command == "train":
             results = run_training(args.config, args.weights, train_dataset=args.train_dataset,
                                    train_images=args.train_images, resume=args.resume, **common)
@@ -113,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
 
         metrics = evaluate_predictions(args.dataset, args.predictions,
                                        dataset_root=args.dataset_root,
-                                       output_dir=args.output_dir)
+                                       output_dir=args.output_dir,
+                                       evaluator=args.evaluator or "fast")
         print(run_table(metrics))
         return 0
     if args.command == "report":

@@ -60,7 +60,8 @@ def add_transfer_config(cfg: CfgNode) -> CfgNode:
     """Add the keys our configs use beyond Detectron2's defaults, with their defaults.
 
     ``MODEL.FCOS`` configures the yacs FCOS of :mod:`transfer.modeling`; ``TRANSFER`` holds
-    the batch-scaling switch and the label of the pretraining method (for reports).
+    the batch-scaling switch, the label of the pretraining method (for reports) and the
+    evaluator.
     """
     cfg.MODEL.FCOS = CfgNode()
     cfg.MODEL.FCOS.NUM_CLASSES = 80
@@ -82,6 +83,9 @@ def add_transfer_config(cfg: CfgNode) -> CfgNode:
     # The short name of the config a run was started with, kept in the run's config.yaml
     # so that evaluating with that file reports the same name.
     cfg.TRANSFER.CONFIG = ""
+    # Which COCO/LVIS evaluation scores the test set: "fast" (faster-coco-eval, C++) or
+    # "official" (pycocotools / lvis); the same numbers (transfer/scoring.py).
+    cfg.TRANSFER.EVALUATOR = "fast"
     return cfg
 
 

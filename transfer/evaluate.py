@@ -1,32 +1,38 @@
-"""Score a COCO-format results file against a COCO or LVIS ground truth.
+"""Score detections against a COCO or LVIS ground truth: a results file, or a model's outputs.
 
-The results file is the standard list ``[{"image_id", "category_id", "score", "bbox":
-[x, y, w, h], "segmentation": RLE or polygons}, ...]`` with the dataset's own category ids,
-as Detectron2 writes it (``coco_instances_results.json``, ``lvis_instances_results.json``)
-and as most detection codebases do. The scoring is the one Detectron2's ``COCOEvaluator``
-(official pycocotools ``COCOeval``, not the C++ one) and ``LVISEvaluator`` (the ``lvis``
-package, federated, 300 detections per image) run after training, so numbers agree with
-``m2t-transfer train``.
+- :func:`evaluate_predictions` (``m2t-transfer evaluate``) scores a results file: the
+  standard list ``[{"image_id", "category_id", "score", "bbox": [x, y, w, h],
+  "segmentation": RLE or polygons}, ...]`` with the dataset's own category ids, as Detectron2
+  writes it (``coco_instances_results.json``, ``lvis_instances_results.json``) and as most
+  detection codebases do.
+- :class:`DetectionEvaluator` is the evaluator the trainer builds (``m2t-transfer train`` and
+  ``eval``): Detectron2's ``COCOEvaluator`` / ``LVISEvaluator`` in what it collects, writes
+  and returns, scoring through the same :class:`~transfer.scoring.Scorer`, so that a run's
+  numbers and a rescoring of its results file agree.
+
+Both score with the ``fast`` evaluator (faster-coco-eval, C++) unless asked for the
+``official`` one (pycocotools / lvis); :mod:`transfer.scoring` has the conventions and why
+the two agree.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
+import itertools
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pycocotools.mask as mask_util
-from detectron2.evaluation.coco_evaluation import _evaluate_predictions_on_coco
-from detectron2.evaluation.lvis_evaluation import _evaluate_predictions_on_lvis
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.utils import comm
+from detectron2.utils.logger import create_small_table
 
-from . import compat  # noqa: F401  (np.float for the lvis package)
 from .datasets import (
     DatasetSpec,
     is_box,
@@ -37,7 +43,8 @@ from .datasets import (
     resolve_dataset,
 )
 from .errors import TransferError
-from .report import COCO_METRICS, clean_metrics, write_run_results
+from .report import clean_metrics, write_run_results
+from .scoring import Scorer, TaskScore, check_evaluator, details
 
 logger = logging.getLogger(__name__)
 
@@ -109,21 +116,30 @@ def evaluate_predictions(
     *,
     dataset_root: str | None = None,
     output_dir: str | Path | None = None,
+    evaluator: str = "fast",
 ) -> dict[str, dict[str, float | None]]:
     """AP metrics of ``predictions`` on ``dataset``: ``{"bbox": {...}, "segm": {...}}``.
 
     Args:
         dataset: a builtin name (``coco_2017_val``, ``lvis_v1_val``), the path of a
             COCO/LVIS-format annotation JSON, or a resolved :class:`DatasetSpec`.
-        predictions: a results-file path or the list of detections itself.
+        predictions: a results-file path or the list of detections itself (not empty:
+            a results file without detections is refused as a likely mistake).
         dataset_root: where builtin datasets live (default ``$DETECTRON2_DATASETS``).
-        output_dir: if given, ``results.json`` and ``report.md`` are written there.
+        output_dir: if given, ``results.json`` (with per-category AP and precision–recall
+            curves) and ``report.md`` are written there.
+        evaluator: ``"fast"`` (faster-coco-eval) or ``"official"`` (pycocotools / lvis);
+            the numbers are the same.
 
     Returns:
         per task (``bbox`` always when boxes are present, ``segm`` when masks are), AP, AP50,
-        AP75, APs, APm, APl in percent, plus APr, APc, APf for LVIS; ``None`` where the
-        ground truth has nothing to measure.
+        AP75, APs, APm, APl in percent, plus APr, APc, APf for LVIS (at most 300 detections
+        per image); ``None`` where the ground truth has nothing to measure.
     """
+    try:
+        check_evaluator(evaluator)
+    except ValueError as err:
+        raise TransferError("--evaluator", str(err)) from None
     if output_dir is not None and isinstance(predictions, (str, Path)):
         target = Path(output_dir) / "results.json"
         if target.resolve() == Path(predictions).resolve():
@@ -142,26 +158,112 @@ def evaluate_predictions(
 
     tasks = [t for t, key in (("bbox", "bbox"), ("segm", "segmentation"))
              if any(key in d for d in detections)]
-    metrics: dict[str, dict[str, float | None]] = {}
-    if spec.kind == "lvis":
-        from lvis import LVIS
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            lvis_gt = LVIS(spec.json_file)
-        for task in tasks:
-            dets = [d for d in detections if task == "bbox" or "segmentation" in d]
-            raw = _evaluate_predictions_on_lvis(lvis_gt, dets, task, max_dets_per_image=300)
-            metrics[task] = clean_metrics(raw)
-    else:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = COCO(spec.json_file)
-        for task in tasks:
-            dets = [d for d in detections if task == "bbox" or "segmentation" in d]
-            coco_eval = _evaluate_predictions_on_coco(coco_gt, dets, task, cocoeval_fn=COCOeval)
-            raw = {name: float(coco_eval.stats[i] * 100) for i, name in enumerate(COCO_METRICS)}
-            metrics[task] = clean_metrics(raw)
+    scorer = Scorer(spec.json_file, spec.kind, evaluator)
+    scores = {task: scorer.score([d for d in detections if task == "bbox" or "segmentation" in d],
+                                 task) for task in tasks}
+    metrics = {task: clean_metrics(score.metrics) for task, score in scores.items()}
     if output_dir is not None:
         write_run_results(output_dir, metrics, {
             "method": Path(source).stem, "test_dataset": spec.name, "predictions": source,
-            "num_detections": len(detections)})
+            "num_detections": len(detections), "evaluator": evaluator}, details(scores))
     return metrics
+
+
+#: Where :class:`DetectionEvaluator` writes per-category AP and curves, beside the results.
+DETAILS_FILE = "evaluation_details.json"
+
+
+class DetectionEvaluator(DatasetEvaluator):
+    """The trainer's COCO / LVIS evaluator (boxes and masks), with a choice of evaluator.
+
+    A drop-in for Detectron2's ``COCOEvaluator`` (``use_fast_impl=False``) and
+    ``LVISEvaluator``: the same detections (``instances_to_coco_json``), gathered from every
+    process, mapped back to the dataset's category ids and written to
+    ``coco_instances_results.json`` / ``lvis_instances_results.json`` in ``output_dir``; the
+    same returned dict (``{task: {"AP": ..., ...}}`` in percent, NaN where not measurable, and
+    ``AP-<class>`` per category for COCO). Two differences: the scoring goes through
+    :class:`~transfer.scoring.Scorer` (``fast`` by default), and a model that detects nothing
+    gets the numbers the official evaluation gives for that (AP 0 where there is ground
+    truth) instead of NaN everywhere. Per-category AP and precision–recall curves go to
+    ``output_dir/evaluation_details.json`` (see :func:`read_details`).
+
+    Args:
+        dataset_name: a registered dataset whose metadata has ``json_file`` and
+            ``evaluator_type`` (``"coco"`` or ``"lvis"``), as :func:`register_dataset` sets.
+        tasks: ``("bbox",)`` or ``("bbox", "segm")``.
+        output_dir: where the results file and the details go (none written if ``None``).
+        evaluator: ``"fast"`` or ``"official"``.
+        max_dets_per_image: LVIS's per-image cut (default 300).
+        distributed: gather the detections of every process and score on the main one.
+    """
+
+    def __init__(self, dataset_name: str, tasks: Sequence[str] = ("bbox", "segm"),
+                 output_dir: str | None = None, *, evaluator: str = "fast",
+                 max_dets_per_image: int | None = None, distributed: bool = True) -> None:
+        meta = MetadataCatalog.get(dataset_name)
+        self.kind = "lvis" if meta.get("evaluator_type") == "lvis" else "coco"
+        self.json_file = meta.json_file
+        self.tasks = tuple(tasks)
+        self.output_dir = output_dir
+        self.evaluator = check_evaluator(evaluator)
+        self.max_dets_per_image = max_dets_per_image
+        self.distributed = distributed
+        mapping = meta.get("thing_dataset_id_to_contiguous_id", None)
+        # Detectron2's rule: the dataset's mapping if it has one, else LVIS's ids 1..N.
+        self.dataset_ids = {v: k for k, v in mapping.items()} if mapping else None
+        self.class_names = list(meta.get("thing_classes", []))
+        self.details: dict[str, Any] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self._detections: list[dict[str, Any]] = []
+
+    def process(self, inputs: Sequence[dict[str, Any]], outputs: Sequence[dict[str, Any]]) -> None:
+        for inp, out in zip(inputs, outputs, strict=True):
+            if "instances" in out:
+                self._detections.extend(instances_to_coco_json(out["instances"].to("cpu"),
+                                                               inp["image_id"]))
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        if self.distributed:
+            comm.synchronize()
+            gathered = comm.gather(self._detections, dst=0)
+            if not comm.is_main_process():
+                return {}
+            detections = list(itertools.chain(*gathered))
+        else:
+            detections = list(self._detections)
+        for det in detections:
+            cat = det["category_id"]
+            det["category_id"] = self.dataset_ids[cat] if self.dataset_ids else cat + 1
+        if self.output_dir:
+            Path(self.output_dir).mkdir(parents=True, exist_ok=True)
+            path = Path(self.output_dir) / f"{self.kind}_instances_results.json"
+            path.write_text(json.dumps(detections))
+
+        scorer = Scorer(self.json_file, self.kind, self.evaluator, self.max_dets_per_image)
+        results: dict[str, dict[str, float]] = OrderedDict()
+        scores: dict[str, TaskScore] = {}
+        for task in sorted(self.tasks):
+            score = scores[task] = scorer.score(detections, task)
+            logger.info(f"Evaluation results for {task} ({len(detections)} detections, "
+                        f"{self.evaluator} evaluator):\n" + create_small_table(score.metrics))
+            results[task] = dict(score.metrics)
+            if self.kind == "coco" and len(self.class_names) > 1:
+                results[task].update({f"AP-{name}": ap for name, ap in
+                                      zip(self.class_names, score.category_ap(), strict=True)})
+        self.details = details(scores)
+        if self.output_dir:
+            (Path(self.output_dir) / DETAILS_FILE).write_text(json.dumps(self.details) + "\n")
+        return results
+
+
+def read_details(folder: str | Path) -> dict[str, Any] | None:
+    """The per-category AP and curves a :class:`DetectionEvaluator` wrote to ``folder``."""
+    path = Path(folder) / DETAILS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None

@@ -7,10 +7,14 @@ A run directory holds Detectron2's ``log.txt``, ``metrics.json`` and ``config.ya
      "bbox": {"AP": 39.1, "AP50": ..., "AP75": ..., "APs": ..., "APm": ..., "APl": ...},
      "segm": {...}, ...}
 
-(LVIS adds APr, APc, APf; a metric that could not be computed is ``null``.)
+(LVIS adds APr, APc, APf; a metric that could not be computed is ``null``.) Runs scored by
+this version also hold ``per_category`` (AP of every category, with LVIS's frequency group)
+and ``pr_curves`` (precision at recall 0, 0.01, ..., 1, averaged over categories: all areas at
+IoU 0.50 and 0.75, and small / medium / large over IoU 0.50:0.95), per task.
 :func:`write_report` reads several run directories and writes ``report.md`` (one table per
-config and test set, one row per pretraining method, mean ± std over the runs, i.e. seeds)
-and ``report.png`` (the same as a bar chart with std error bars).
+config and test set, one row per pretraining method, mean ± std over the runs, i.e. seeds,
+then the per-category AP of each method, LVIS's by frequency group) and ``report.png`` (the
+headline numbers as bars with std error bars, and the precision–recall curves of each method).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TransferError
+from .scoring import CURVES, RECALL
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_METRICS = COCO_METRICS + ("APr", "APc", "APf")
@@ -32,6 +37,12 @@ TASKS = ("bbox", "segm")
 SUMMARY_COCO = ("AP", "AP50", "AP75")
 SUMMARY_LVIS = ("AP", "APr", "APc", "APf")
 TASK_LABEL = {"bbox": "box", "segm": "mask"}
+FREQUENCY_LABEL = {"r": "rare", "c": "common", "f": "frequent"}
+#: Titles of the precision–recall panels, one per curve of :data:`transfer.scoring.CURVES`.
+#: The legend gives each curve's mean, which is the metric named in the title.
+CURVE_TITLE = {"IoU=0.50": "IoU 0.50, all areas (AP50)", "IoU=0.75": "IoU 0.75, all areas (AP75)",
+               "small": "small, IoU 0.50:0.95 (APs)", "medium": "medium, IoU 0.50:0.95 (APm)",
+               "large": "large, IoU 0.50:0.95 (APl)"}
 
 
 def clean_metrics(task_results: Mapping[str, Any]) -> dict[str, float | None]:
@@ -65,14 +76,61 @@ def run_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def category_tables(categories: Sequence[Mapping[str, Any]],
+                    columns: Sequence[tuple[str, Mapping[int, float | None]]]) -> list[str]:
+    """Markdown lines of a per-category AP table (LVIS: one per frequency group), folded.
+
+    Args:
+        categories: ``{"id", "name"[, "frequency"]}`` in table order.
+        columns: (header, AP by category id) pairs; a category with no AP in any column
+            (no ground truth in the test set) is left out and counted below the tables.
+    """
+    rows = [c for c in categories if any(col.get(c["id"]) is not None for _, col in columns)]
+    if not rows:
+        return []
+    lvis = any("frequency" in c for c in rows)
+    sections = ([(f"{FREQUENCY_LABEL[f]} categories", [c for c in rows if c.get("frequency") == f])
+                 for f in FREQUENCY_LABEL] if lvis else [("all categories", rows)])
+    lines = []
+    for label, cats in sections:
+        if not cats:
+            continue
+        lines += ["<details>", f"<summary>AP per category: {label} ({len(cats)})</summary>", "",
+                  "| category | " + " | ".join(h for h, _ in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
+        lines += [f"| {c['name']} | " + " | ".join(_fmt(col.get(c["id"])) for _, col in columns)
+                  + " |" for c in cats]
+        lines += ["", "</details>", ""]
+    left_out = len(categories) - len(rows)
+    if left_out:
+        lines += [f"{left_out} categories without ground truth in the test set are not listed.",
+                  ""]
+    return lines
+
+
+def _category_ap(results: Mapping[str, Any], task: str) -> dict[int, float | None]:
+    return {c["id"]: c.get("AP") for c in results.get("per_category", {}).get(task, [])}
+
+
+def _categories(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The categories of the first run that lists them (every run of a group has one test set)."""
+    for run in runs:
+        for cats in run.get("per_category", {}).values():
+            return [{k: v for k, v in c.items() if k != "AP"} for c in cats]
+    return []
+
+
 def write_run_results(output_dir: str | Path, metrics: Mapping[str, Mapping[str, Any]],
-                      info: Mapping[str, Any]) -> dict[str, Any]:
+                      info: Mapping[str, Any],
+                      details: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write ``results.json`` and ``report.md`` for one run; return the results dict.
 
     Args:
         output_dir: the run directory.
         metrics: ``{"bbox": {...}, "segm": {...}}`` as Detectron2's evaluators return them.
         info: what identifies the run (method, config, seed, datasets, weights, ...).
+        details: ``per_category`` and ``pr_curves`` per task, as
+            :func:`transfer.scoring.details` gives them; kept for the tasks in ``metrics``.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,16 +138,25 @@ def write_run_results(output_dir: str | Path, metrics: Mapping[str, Mapping[str,
     for task in TASKS:
         if task in metrics:
             results[task] = clean_metrics(metrics[task])
+    for key in ("per_category", "pr_curves"):
+        part = {t: v for t, v in (details or {}).get(key, {}).items() if t in results}
+        if part:
+            results[key] = part
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     title = " — ".join(str(info[k]) for k in ("method", "config") if info.get(k))
     lines = [f"# {title or 'Evaluation'}", ""]
     if info.get("test_dataset"):
         lines += [f"Test set: `{info['test_dataset']}`", ""]
     lines += [run_table(results), ""]
-    details = [f"- {k}: `{info[k]}`" for k in ("weights", "iterations", "total_batch", "base_lr",
-                                               "seed", "predictions") if k in info]
-    if details:
-        lines += details + [""]
+    facts = [f"- {k}: `{info[k]}`" for k in ("weights", "iterations", "total_batch", "base_lr",
+                                             "seed", "predictions", "evaluator") if k in info]
+    if facts:
+        lines += facts + [""]
+    tables = category_tables(_categories([results]),
+                             [(f"AP<sup>{TASK_LABEL[t]}</sup>", _category_ap(results, t))
+                              for t in TASKS if t in results.get("per_category", {})])
+    if tables:
+        lines += ["## Per-category AP", ""] + tables
     (out / "report.md").write_text("\n".join(lines))
     return results
 
@@ -142,8 +209,10 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[s
 
     Headline metrics: AP, AP50, AP75 per task (COCO), AP, APr, APc, APf per task (LVIS).
 
-    Returns ``{(config, test set): {"metrics": [(task, name), ...], "rows": {method:
-    {"n": runs, "seeds": [...], (task, name): (mean, std) or None}}}}``.
+    Returns ``{(config, test set): {"metrics": [(task, name), ...], "categories": [...],
+    "rows": {method: {"n": runs, "seeds": [...], (task, name): (mean, std) or None,
+    "per_category": {task: {category id: mean AP}}, "curves": {task: {curve: [mean
+    precision at each recall]}}}}}}`` (the last two from the runs that have them).
     """
     groups: dict[tuple[str, str], dict[str, list[Mapping[str, Any]]]] = defaultdict(
         lambda: defaultdict(list))
@@ -165,9 +234,35 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[s
                 values = [r[task][name] for r in method_runs
                           if r.get(task, {}).get(name) is not None]
                 row[(task, name)] = mean_std(values) if values else None
+            row["per_category"] = {t: _mean_by_key([_category_ap(r, t) for r in method_runs])
+                                   for t in TASKS if any(t in r.get("per_category", {})
+                                                         for r in method_runs)}
+            row["curves"] = {t: {c: _mean_curve([r["pr_curves"][t].get(c) for r in method_runs
+                                                 if t in r.get("pr_curves", {})])
+                                 for c in CURVES}
+                             for t in TASKS if any(t in r.get("pr_curves", {})
+                                                   for r in method_runs)}
             rows[method] = row
-        summary[key] = {"metrics": metrics, "rows": rows}
+        summary[key] = {"metrics": metrics, "rows": rows, "categories": _categories(all_runs)}
     return summary
+
+
+def _mean_by_key(maps: Sequence[Mapping[int, float | None]]) -> dict[int, float | None]:
+    """Per key, the mean of the values that are not None (None if there are none)."""
+    out: dict[int, float | None] = {}
+    for key in dict.fromkeys(k for m in maps for k in m):
+        values = [m[key] for m in maps if m.get(key) is not None]
+        out[key] = statistics.fmean(values) if values else None
+    return out
+
+
+def _mean_curve(curves: Sequence[Sequence[float | None] | None]) -> list[float] | None:
+    """Pointwise mean of the runs' curves (NaN where a run has no value); None if none."""
+    curves = [c for c in curves if c and any(v is not None for v in c)]
+    if not curves:
+        return None
+    return [statistics.fmean(v if v is not None else math.nan for v in point)
+            for point in zip(*curves, strict=True)]
 
 
 def _fmt_mean_std(cell: tuple[float, float | None] | None) -> str:
@@ -190,31 +285,44 @@ def summary_markdown(summary: Mapping[tuple[str, str], Mapping[str, Any]]) -> st
             cells = [method, str(row["n"])] + [_fmt_mean_std(row[m]) for m in metrics]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        columns = [(f"{method} AP<sup>{TASK_LABEL[t]}</sup>", row["per_category"][t])
+                   for t in TASKS for method, row in group["rows"].items()
+                   if t in row.get("per_category", {})]
+        tables = category_tables(group.get("categories", []), columns)
+        if tables:
+            lines += ["### Per-category AP (mean over each method's runs)", ""] + tables
     lines.append("Mean ± sample standard deviation over the runs (seeds) of each method.")
     return "\n".join(lines) + "\n"
 
 
 def plot_summary(summary: Mapping[tuple[str, str], Mapping[str, Any]], path: Path) -> None:
-    """A bar chart of AP (box and mask) per method, with std error bars, one panel a group."""
+    """The report's figure: AP (box and mask) per method with std error bars, one panel a
+    group; below, for each group and task whose runs have curves, the precision–recall
+    curves of each method (IoU 0.50 and 0.75 over all areas, then small / medium / large)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = list(summary.items())
-    fig, axes = plt.subplots(1, len(groups), figsize=(max(5.0, 4.5 * len(groups)), 4.0),
-                             squeeze=False)
+    curve_rows = [(key, group, task) for key, group in groups for task in TASKS
+                  if any(task in row.get("curves", {}) for row in group["rows"].values())]
+    width = max(5.0, 4.5 * len(groups), 17.0 if curve_rows else 0.0)
+    heights = [4.2] + [3.3] * len(curve_rows)
+    fig = plt.figure(figsize=(width, sum(heights)), layout="constrained")
+    subfigs = fig.subfigures(len(heights), 1, squeeze=False, height_ratios=heights)[:, 0]
+    axes = subfigs[0].subplots(1, len(groups), squeeze=False)
     for index, ((config, dataset), group) in enumerate(groups):
         ax = axes[0][index]
         shown = list(group["metrics"])
         methods = list(group["rows"])
-        width = 0.8 / max(1, len(methods))
+        width_bar = 0.8 / max(1, len(methods))
         for i, method in enumerate(methods):
             cells = [group["rows"][method][m] for m in shown]
             means = [c[0] if c else 0.0 for c in cells]
             stds = [(c[1] or 0.0) if c else 0.0 for c in cells]
-            xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(shown))]
-            ax.bar(xs, means, width, yerr=stds, capsize=3, label=method)
+            xs = [j + (i - (len(methods) - 1) / 2) * width_bar for j in range(len(shown))]
+            ax.bar(xs, means, width_bar, yerr=stds, capsize=3, label=method)
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels([f"{n}\n{TASK_LABEL[t]}" for t, n in shown])
         ax.set_ylabel("AP (%)")
@@ -222,8 +330,25 @@ def plot_summary(summary: Mapping[tuple[str, str], Mapping[str, Any]], path: Pat
         ax.set_title(f"{config}\n{Path(dataset).name}", fontsize=9)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
                   ncol=min(3, len(methods)), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    for sub, ((config, dataset), group, task) in zip(subfigs[1:], curve_rows, strict=True):
+        sub.suptitle(f"{config} on {Path(dataset).name}: {TASK_LABEL[task]} precision–recall "
+                     f"(mean over categories, mean over runs)", fontsize=9)
+        panels = sub.subplots(1, len(CURVES), sharey=True, squeeze=False)[0]
+        for ax, curve in zip(panels, CURVES, strict=True):
+            for method, row in group["rows"].items():
+                values = row.get("curves", {}).get(task, {}).get(curve)
+                if values is not None and not all(map(math.isnan, values)):
+                    ax.plot(RECALL, values, linewidth=1.2,
+                            label=f"{method} {statistics.fmean(values) * 100:.1f}")
+            ax.set_title(CURVE_TITLE[curve], fontsize=8)
+            if ax.get_lines():
+                ax.legend(fontsize=7, loc="upper right")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("recall", fontsize=8)
+            ax.grid(alpha=0.3)
+        panels[0].set_ylabel("precision", fontsize=8)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

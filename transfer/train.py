@@ -27,7 +27,7 @@ from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup, launch
 from detectron2.engine import defaults as d2_defaults
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from . import (
@@ -37,14 +37,17 @@ from . import (
 from .config import config_label, load_config, num_classes_key, resolve_config, set_key
 from .datasets import DatasetSpec, register_dataset, resolve_dataset
 from .errors import TransferError
+from .evaluate import DetectionEvaluator, read_details
 from .report import write_run_results
+from .scoring import EVALUATORS
 from .weights import SafeCheckpointer, check_weights
 
 logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` evaluating with COCO's or LVIS's official API per dataset.
+    """``DefaultTrainer`` evaluating COCO or LVIS per dataset with ``TRANSFER.EVALUATOR``
+    (``fast``: faster-coco-eval, ``official``: pycocotools / lvis; the same numbers).
 
     It also runs multi-process on CPUs (gloo): Detectron2 wraps the model in
     ``DistributedDataParallel(device_ids=[local rank])``, which PyTorch refuses for a CPU
@@ -61,14 +64,19 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str,
                         output_folder: str | None = None) -> DatasetEvaluator:
-        folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference",
-                                               Path(dataset_name).stem)
+        folder = output_folder or evaluation_folder(cfg, dataset_name)
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        if MetadataCatalog.get(dataset_name).evaluator_type == "lvis":
-            return LVISEvaluator(dataset_name, tasks, output_dir=folder,
-                                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
-        # The pure-Python Detectron2 has no C++ COCOeval: use the official pycocotools one.
-        return COCOEvaluator(dataset_name, tasks, output_dir=folder, use_fast_impl=False)
+        # LVIS cuts each image's detections to the model's limit (300 in the LVIS configs),
+        # as Detectron2's LVISEvaluator does; COCO counts 1/10/100 per image.
+        lvis = MetadataCatalog.get(dataset_name).evaluator_type == "lvis"
+        return DetectionEvaluator(dataset_name, tasks, output_dir=folder,
+                                  evaluator=cfg.TRANSFER.EVALUATOR,
+                                  max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE if lvis else None)
+
+
+def evaluation_folder(cfg: CfgNode, dataset_name: str) -> str:
+    """Where a test set's results file and evaluation details go: ``OUTPUT_DIR/inference/<name>``."""
+    return os.path.join(cfg.OUTPUT_DIR, "inference", Path(dataset_name).stem)
 
 
 @contextlib.contextmanager
@@ -111,6 +119,7 @@ def prepare(
     world_size: int = 1,
     resume: bool = False,
     unsafe_load: bool = False,
+    evaluator: str | None = None,
 ) -> Job:
     """Check all input of a train/eval run and build its final, frozen config.
 
@@ -126,6 +135,11 @@ def prepare(
         cfg.DATASETS.TEST = (test_dataset,)
     if not cfg.DATASETS.TEST:
         raise TransferError(config_file, "DATASETS.TEST is empty: nothing to evaluate on")
+    if evaluator:
+        cfg.TRANSFER.EVALUATOR = evaluator
+    if cfg.TRANSFER.EVALUATOR not in EVALUATORS:
+        raise TransferError(config_file, f"TRANSFER.EVALUATOR is {cfg.TRANSFER.EVALUATOR!r}; "
+                                         f"choose one of: {', '.join(EVALUATORS)}")
 
     datasets: dict[str, DatasetSpec] = {}
     train_specs = []
@@ -184,6 +198,7 @@ def prepare(
         "total_batch": cfg.SOLVER.IMS_PER_BATCH,
         "base_lr": cfg.SOLVER.BASE_LR,
         "world_size": world_size,
+        "evaluator": cfg.TRANSFER.EVALUATOR,
         "output_dir": str(Path(cfg.OUTPUT_DIR).resolve()),
     }
     return Job(task=task, cfg=cfg, datasets=list(datasets.values()),
@@ -228,7 +243,8 @@ def run_job(job: Job) -> None:
         info = dict(job.info)
         if len(per_dataset) > 1:
             info["per_dataset"] = per_dataset
-        write_run_results(cfg.OUTPUT_DIR, per_dataset[cfg.DATASETS.TEST[0]], info)
+        details = read_details(evaluation_folder(cfg, cfg.DATASETS.TEST[0]))
+        write_run_results(cfg.OUTPUT_DIR, per_dataset[cfg.DATASETS.TEST[0]], info, details)
 
 
 def _per_dataset(cfg: CfgNode, raw: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -266,6 +282,7 @@ def run_training(
     dist_url: str = "auto",
     resume: bool = False,
     unsafe_load: bool = False,
+    evaluator: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``config`` from ``weights``, evaluate, and return the run's results.
 
@@ -283,6 +300,8 @@ def run_training(
         resume: continue from the last checkpoint in ``output_dir``.
         unsafe_load: let a weights file that safe loading refuses be unpickled fully (it
             can run code: only for files you trust; warns).
+        evaluator: ``"fast"`` (faster-coco-eval) or ``"official"`` (pycocotools / lvis);
+            default: the config's ``TRANSFER.EVALUATOR`` (``fast``). The numbers are the same.
 
     Returns:
         the content of ``results.json`` (``{"bbox": {"AP": ...}, "segm": {...}, "method":
@@ -292,7 +311,7 @@ def run_training(
                   test_dataset=test_dataset, dataset_root=dataset_root,
                   train_images=train_images, test_images=test_images, output_dir=output_dir,
                   method=method, world_size=num_gpus * num_machines, resume=resume,
-                  unsafe_load=unsafe_load)
+                  unsafe_load=unsafe_load, evaluator=evaluator)
     return _launch(job, num_gpus, num_machines, machine_rank, dist_url)
 
 
@@ -311,6 +330,7 @@ def run_evaluation(
     machine_rank: int = 0,
     dist_url: str = "auto",
     unsafe_load: bool = False,
+    evaluator: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate trained ``weights`` (e.g. ``model_final.pth``) with ``config``'s test set.
 
@@ -319,5 +339,5 @@ def run_evaluation(
     job = prepare("eval", config, weights, overrides=overrides, test_dataset=test_dataset,
                   dataset_root=dataset_root, test_images=test_images, output_dir=output_dir,
                   method=method, world_size=num_gpus * num_machines,
-                  unsafe_load=unsafe_load)
+                  unsafe_load=unsafe_load, evaluator=evaluator)
     return _launch(job, num_gpus, num_machines, machine_rank, dist_url)

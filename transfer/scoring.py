@@ -1,0 +1,283 @@
+"""The two evaluators behind every COCO / LVIS number: ``fast`` (the default) and ``official``.
+
+- ``fast``: faster-coco-eval's ``COCOeval_faster`` (C++ matching and accumulation), in COCO
+  mode or in LVIS mode (``lvis_style``: federated filtering by each image's positive and
+  negative categories, no false positives on not-exhaustively annotated categories,
+  APr/APc/APf by frequency group).
+- ``official``: pycocotools' ``COCOeval`` and the lvis package's ``LVISEval`` (pure Python),
+  the APIs Detectron2's ``COCOEvaluator`` (``use_fast_impl=False``) and ``LVISEvaluator`` call.
+
+Both run under Detectron2's conventions (SPEC §4): segm results are scored without their
+``bbox`` field, so that an instance's area (APs/APm/APl) is its mask area; COCO counts at most
+1/10/100 detections per image; LVIS first keeps each image's ``max_dets_per_image`` (300)
+highest-scoring detections, the lvis package's own rule, then matches at most 300 per image
+and category. Given the same input the two return the same numbers (``tests/transfer/
+test_evaluate_backends.py`` holds them to 1e-6 of each other, on real COCO and LVIS data).
+
+Zero detections: neither official API can load an empty result list (both read
+``results[0]``), but the evaluation itself is defined: every category with ground truth is
+missed entirely, so AP is 0 where there is ground truth and not measurable (NaN) where there
+is none. Both evaluators return exactly that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import compat  # noqa: F401  (np.float for the lvis package)
+
+#: The evaluator names, the default first.
+EVALUATORS = ("fast", "official")
+COCO_MAX_DETS = (1, 10, 100)
+#: LVIS's limit, per image (the results are cut to it) and per image and category (matching).
+LVIS_MAX_DETS = 300
+COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+LVIS_NAMES = COCO_NAMES + ("APr", "APc", "APf")
+#: The precision–recall curves kept for reports: all areas at IoU 0.50 and 0.75, and each
+#: area range averaged over IoU 0.50:0.95 (so that each curve's mean is AP50, AP75, APs, ...).
+CURVES = ("IoU=0.50", "IoU=0.75", "small", "medium", "large")
+#: Recall at which every curve is sampled (COCO's 101 points, as in its accumulate()).
+RECALL = np.linspace(0.0, 1.0, 101)
+_FAST_NAMES = {"AP": "AP_all", "AP50": "AP_50", "AP75": "AP_75", "APs": "AP_small",
+               "APm": "AP_medium", "APl": "AP_large", "APr": "APr", "APc": "APc", "APf": "APf"}
+
+
+def check_evaluator(name: str) -> str:
+    """``name`` if it is one of :data:`EVALUATORS`, else ``ValueError`` listing them."""
+    if name not in EVALUATORS:
+        raise ValueError(f"unknown evaluator {name!r}; choose one of: {', '.join(EVALUATORS)}")
+    return name
+
+
+@dataclass
+class TaskScore:
+    """What one task (``bbox`` or ``segm``) scored.
+
+    ``metrics`` are in percent (NaN where not measurable, as Detectron2 reports them);
+    ``precision`` is COCO's accumulated array at the largest detection limit, indexed
+    [IoU threshold (0.50:0.05:0.95), recall threshold (:data:`RECALL`), category, area range
+    (all, small, medium, large)], -1 where a category has no ground truth in that range.
+    """
+
+    task: str
+    metrics: dict[str, float]
+    precision: np.ndarray
+    categories: list[dict[str, Any]] = field(default_factory=list)
+
+    def category_ap(self) -> list[float]:
+        """AP (percent) of each category in :attr:`categories` order, over all areas; NaN
+        without ground truth (Detectron2's per-category formula)."""
+        out = []
+        for k in range(self.precision.shape[2]):
+            p = self.precision[:, :, k, 0]
+            p = p[p > -1]
+            out.append(float(np.mean(p)) * 100 if p.size else math.nan)
+        return out
+
+    def curves(self) -> dict[str, list[float]]:
+        """Precision at each :data:`RECALL` point, averaged over the categories with ground
+        truth, for each of :data:`CURVES` (NaN where no category has ground truth)."""
+        iou = np.linspace(0.5, 0.95, 10)
+        picks = {"IoU=0.50": (np.isclose(iou, 0.5), 0), "IoU=0.75": (np.isclose(iou, 0.75), 0),
+                 "small": (slice(None), 1), "medium": (slice(None), 2), "large": (slice(None), 3)}
+        out = {}
+        for name, (t, a) in picks.items():
+            p = self.precision[t, :, :, a]  # [T, R, K]
+            valid = p[0, 0] > -1
+            if not valid.any():
+                out[name] = [math.nan] * len(RECALL)
+            else:
+                out[name] = [float(x) for x in p[:, :, valid].mean(axis=(0, 2))]
+        return out
+
+
+def _metric(value: float) -> float:
+    return float(value) * 100 if value >= 0 else math.nan
+
+
+def top_per_image(detections: Iterable[dict[str, Any]], max_dets: int) -> list[dict[str, Any]]:
+    """The lvis package's cut (``LVISResults.limit_dets_per_image``): each image's ``max_dets``
+    highest-scoring detections, grouped by image in order of first appearance."""
+    by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for det in detections:
+        by_image[det["image_id"]].append(det)
+    for image_id, dets in by_image.items():
+        if len(dets) > max_dets:
+            by_image[image_id] = sorted(dets, key=lambda d: d["score"], reverse=True)[:max_dets]
+    return [d for dets in by_image.values() for d in dets]
+
+
+class Scorer:
+    """Scores detections against one ground-truth file with the chosen evaluator.
+
+    Args:
+        json_file: a COCO- or LVIS-format annotation file.
+        kind: ``"coco"`` or ``"lvis"`` (LVIS: federated evaluation and APr/APc/APf).
+        evaluator: one of :data:`EVALUATORS`.
+        max_dets_per_image: LVIS only, the per-image cut (default 300, LVIS's own).
+
+    The ground truth is loaded once and shared by the tasks, as Detectron2's evaluators do.
+    """
+
+    def __init__(self, json_file: str, kind: str = "coco", evaluator: str = "fast",
+                 max_dets_per_image: int | None = None) -> None:
+        if kind not in ("coco", "lvis"):
+            raise ValueError(f"kind must be 'coco' or 'lvis', not {kind!r}")
+        self.kind = kind
+        self.evaluator = check_evaluator(evaluator)
+        self.max_dets_per_image = max_dets_per_image or LVIS_MAX_DETS
+        with contextlib.redirect_stdout(io.StringIO()):
+            if evaluator == "fast":
+                from faster_coco_eval import COCO as FastCOCO
+
+                self.gt = FastCOCO(json_file)
+            elif kind == "lvis":
+                from lvis import LVIS
+
+                self.gt = LVIS(json_file)
+            else:
+                from pycocotools.coco import COCO
+
+                self.gt = COCO(json_file)
+        cats = self.gt.dataset["categories"]
+        self.categories = [{k: c[k] for k in ("id", "name", "frequency") if k in c}
+                           for c in sorted(cats, key=lambda c: c["id"])]
+        self._judged: dict[int, set[int]] | None = None
+        if kind == "lvis" and evaluator == "fast":
+            # LVIS judges an image only on its positive and negative categories.
+            judged: dict[int, set[int]] = defaultdict(set)
+            for img in self.gt.dataset["images"]:
+                judged[img["id"]].update(img.get("neg_category_ids", []))
+            for ann in self.gt.dataset["annotations"]:
+                judged[ann["image_id"]].add(ann["category_id"])
+            self._judged = dict(judged)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return LVIS_NAMES if self.kind == "lvis" else COCO_NAMES
+
+    def score(self, detections: Sequence[Mapping[str, Any]], task: str) -> TaskScore:
+        """Score ``detections`` (COCO results format, dataset category ids) for ``task``.
+
+        The input is not modified; an empty list is valid (see the module docstring).
+        """
+        if task not in ("bbox", "segm"):
+            raise ValueError(f"task must be 'bbox' or 'segm', not {task!r}")
+        # The APIs write area, id, ... into each result: give them shallow copies. For segm,
+        # drop the box so that areas are mask areas (Detectron2's convention).
+        dets = [{k: v for k, v in d.items() if not (task == "segm" and k == "bbox")}
+                for d in detections]
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_logger("lvis.results"):
+            if self.evaluator == "fast":
+                metrics, precision = self._fast(dets, task)
+            elif self.kind == "lvis":
+                metrics, precision = self._official_lvis(dets, task)
+            else:
+                metrics, precision = self._official_coco(dets, task)
+        return TaskScore(task, metrics, precision, self.categories)
+
+    def _fast(self, dets: list[dict[str, Any]], task: str) -> tuple[dict[str, float], np.ndarray]:
+        from faster_coco_eval import COCOeval_faster
+
+        lvis = self.kind == "lvis"
+        if lvis and self._judged is not None:
+            dets = top_per_image(dets, self.max_dets_per_image)
+            # The federated rule drops detections of categories neither positive nor negative
+            # in their image. faster-coco-eval 1.8.0 applies it too, but fails (IndexError
+            # "unordered_map::at") when such a detection is in an image that has no ground
+            # truth and no kept detection; dropping them first, by the same rule and after
+            # the per-image cut as LVISEval does, changes no number and avoids that.
+            judged = self._judged
+            dets = [d for d in dets if d["category_id"] in judged.get(d["image_id"], ())]
+        ev = COCOeval_faster(self.gt, self.gt.loadRes(dets), task, lvis_style=lvis,
+                             print_function=_quiet)
+        ev.params.maxDets = [LVIS_MAX_DETS] if lvis else list(COCO_MAX_DETS)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        stats = ev.stats_as_dict
+        metrics = {name: _metric(stats[_FAST_NAMES[name]]) for name in self.metric_names}
+        return metrics, np.asarray(ev.eval["precision"])[..., -1]
+
+    def _official_coco(self, dets: list[dict[str, Any]],
+                       task: str) -> tuple[dict[str, float], np.ndarray]:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        if dets:
+            dt = self.gt.loadRes(dets)
+        else:  # loadRes reads dets[0]; an empty result set built the way loadRes builds one
+            dt = COCO()
+            dt.dataset = {"images": list(self.gt.dataset["images"]),
+                          "categories": list(self.gt.dataset["categories"]), "annotations": []}
+            dt.createIndex()
+        ev = COCOeval(self.gt, dt, task)
+        ev.params.maxDets = list(COCO_MAX_DETS)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        metrics = {name: _metric(ev.stats[i]) for i, name in enumerate(COCO_NAMES)}
+        return metrics, np.asarray(ev.eval["precision"])[..., -1]
+
+    def _official_lvis(self, dets: list[dict[str, Any]],
+                       task: str) -> tuple[dict[str, float], np.ndarray]:
+        from lvis import LVISEval, LVISResults
+
+        from ._private import empty_lvis_results
+
+        if dets:
+            dt = LVISResults(self.gt, dets, max_dets=self.max_dets_per_image)
+        else:
+            dt = empty_lvis_results(self.gt)
+        ev = LVISEval(self.gt, dt, task)
+        ev.run()
+        results = ev.get_results()
+        metrics = {name: _metric(results[name]) for name in LVIS_NAMES}
+        return metrics, np.asarray(ev.eval["precision"])
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """faster-coco-eval's print_function: its progress lines are not ours to print."""
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Within the block, ``name`` logs errors only (lvis warns on every in-memory result list
+    that it assumes the format is right; ours is checked)."""
+    log = logging.getLogger(name)
+    before = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
+def details(scores: Mapping[str, TaskScore], digits: int = 4) -> dict[str, Any]:
+    """What reports draw from a scoring besides the headline metrics, JSON-ready:
+
+    ``{"per_category": {task: [{"id", "name", ["frequency",] "AP"}, ...]},
+    "pr_curves": {task: {curve: [101 precisions]}}}``; AP in percent, precision in [0, 1],
+    ``None`` where not measurable; recall points are :data:`RECALL`.
+    """
+    def clean(x: float) -> float | None:
+        return None if math.isnan(x) else round(x, digits)
+
+    per_category: dict[str, list[dict[str, Any]]] = {}
+    curves: dict[str, dict[str, list[float | None]]] = {}
+    for task, score in scores.items():
+        per_category[task] = [dict(cat, AP=clean(ap))
+                              for cat, ap in zip(score.categories, score.category_ap(),
+                                                 strict=True)]
+        curves[task] = {name: [clean(x) for x in values]
+                        for name, values in score.curves().items()}
+    return {"per_category": per_category, "pr_curves": curves}
