@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-v1
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo lint clean gpu-assets gpu-check
 
 setup: $(STAMP)
 
@@ -20,6 +20,15 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m transfer.demo --out demo_output
+
+# The prepared GPU check (benchmarks/gpu_check.py): gather its assets here, where the data and
+# the package index are; on the GPU machine run `python benchmarks/gpu_check.py --assets
+# gpu_assets --install` (or `make gpu-check` where the virtualenv is set up).
+gpu-assets: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --prepare-assets gpu_assets
+
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --assets gpu_assets --profile
 
 lint: $(STAMP)
 	$(BIN)/ruff check pretrain convert transfer tests tools benchmarks

@@ -7,7 +7,8 @@ extension (deformable convolution, rotated boxes, the C++ COCOeval) is unusable 
 Python 3.10, so it is left out. A user with their own Detectron2 (a source build with the CUDA
 ops) keeps it: this script then does nothing.
 
-Usage: ``python tools/install_detectron2.py [--force]``
+Usage: ``python tools/install_detectron2.py [--force] [--wheel PATH]`` (``--wheel``: a
+``sal_detectron2`` wheel already on disk, for machines without the package index).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def detectron2_present() -> str | None:
     return str(Path(spec.origin).parent)
 
 
-def install(force: bool = False) -> int:
+def install(force: bool = False, wheel: str | None = None) -> int:
     existing = detectron2_present()
     if existing and not force:
         print(f"detectron2 already importable from {existing}: keeping it")
@@ -41,7 +42,12 @@ def install(force: bool = False) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", WHEEL, "--python-version", "3.10",
                "--only-binary=:all:", "--no-deps", "-d", tmp]
-        if subprocess.call(cmd) != 0:
+        if wheel is not None:
+            if not Path(wheel).is_file():
+                print(f"error: {wheel}: wheel not found", file=sys.stderr)
+                return 1
+            shutil.copy2(wheel, tmp)
+        elif subprocess.call(cmd) != 0:
             print(f"error: could not download the {WHEEL} wheel with pip", file=sys.stderr)
             return 1
         wheels = list(Path(tmp).glob("*.whl"))
@@ -67,4 +73,6 @@ def install(force: bool = False) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="replace an importable detectron2")
-    sys.exit(install(parser.parse_args().force))
+    parser.add_argument("--wheel", help="install from this sal_detectron2 wheel file (offline)")
+    args = parser.parse_args()
+    sys.exit(install(args.force, args.wheel))
