@@ -73,7 +73,7 @@ WHEELS = ["fvcore", "iopath", "yacs", "omegaconf>=2.1,<2.4", "hydra-core",
           "antlr4-python3-runtime==4.9.3", "tabulate", "termcolor", "cloudpickle", "tqdm",
           "portalocker", "pyyaml", "packaging", "typing_extensions", "pycocotools", "numpy",
           "matplotlib", "contourpy", "cycler", "fonttools", "kiwisolver", "pyparsing",
-          "python-dateutil", "six", "faster-coco-eval", "lightly==1.6.0", "sal-detectron2==0.7.2"]
+          "python-dateutil", "six", "tzdata", "faster-coco-eval", "lightly==1.6.0", "sal-detectron2==0.7.2"]
 COCO_SUBSET = {"train2017": 48, "val2017": 24}  # images: ~10 MiB, fits the carry limit
 
 VARIANTS = {
