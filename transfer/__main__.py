@@ -52,9 +52,9 @@ def _add_run_options(p: argparse.ArgumentParser, train: bool) -> None:
     p.add_argument("--dist-url", default="auto",
                    help="rendezvous URL for multi-machine runs, e.g. tcp://HOST:PORT")
     p.add_argument("--unsafe-load", action="store_true",
-                   help="if safe loading (numpy arrays and plain data only) refuses the "
-                        "weights file, unpickle it fully: runs code from the file, only for "
-                        "files you trust")
+                   help="if safe loading refuses the weights file (numpy arrays and plain "
+                        "data only) or a YAML tag of the config, load it fully: runs code "
+                        "from the file, only for files you trust")
     if train:
         p.add_argument("--resume", action="store_true",
                        help="continue from the last checkpoint in --output-dir")

@@ -21,6 +21,7 @@ from detectron2.engine import DefaultTrainer
 
 from . import modeling  # noqa: F401  (registers the parts our configs name: FCOS, ...)
 from .errors import TransferError
+from .yaml_guard import check_config_chain
 
 CONFIG_DIR = (Path(__file__).resolve().parent / "configs").resolve()  # the link, followed
 
@@ -187,17 +188,21 @@ def load_config(
     name_or_path: str,
     overrides: Sequence[str] = (),
     world_size: int = 1,
+    unsafe_load: bool = False,
 ) -> CfgNode:
     """The full, unfrozen config for ``name_or_path`` with ``KEY VALUE`` overrides applied.
 
-    ``MODEL.DEVICE`` defaults to ``cuda`` when a GPU is visible and ``cpu`` otherwise;
-    the batch-scaling switch and the SyncBN fallback are applied last.
+    The file and its ``_BASE_`` chain are read with safe YAML loading only (no tag that can run
+    code, no alias bomb: :mod:`transfer.yaml_guard`), unless ``unsafe_load`` says the user
+    trusts them. ``MODEL.DEVICE`` defaults to ``cuda`` when a GPU is visible and ``cpu``
+    otherwise; the batch-scaling switch and the SyncBN fallback are applied last.
     """
     path = resolve_config(name_or_path)
+    check_config_chain(path, unsafe_load)
     cfg = add_transfer_config(get_cfg())
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        cfg.merge_from_file(str(path))
+        cfg.merge_from_file(str(path), allow_unsafe=unsafe_load)
     except Exception as err:  # yacs raises KeyError/ValueError/AssertionError/YAMLError
         raise TransferError(path, f"not a valid Detectron2 config: {_one_line(err)}") from None
     if len(overrides) % 2:

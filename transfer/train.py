@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup, launch
@@ -40,7 +41,7 @@ from .errors import TransferError
 from .evaluate import DetectionEvaluator, read_details
 from .report import write_run_results
 from .scoring import EVALUATORS
-from .weights import SafeCheckpointer, check_weights
+from .weights import SafeCheckpointer, check_weights, require_heads
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def prepare(
     format, weights that do not fit the backbone.
     """
     config_file = resolve_config(config)
-    cfg = load_config(config, overrides, world_size=world_size)
+    cfg = load_config(config, overrides, world_size=world_size, unsafe_load=unsafe_load)
     if train_dataset:
         cfg.DATASETS.TRAIN = (train_dataset,)
     if test_dataset:
@@ -183,7 +184,10 @@ def prepare(
                          Path("output", "transfer", label, cfg.TRANSFER.METHOD, seed_part))
     for spec in datasets.values():  # models may read dataset metadata (federated loss)
         register_dataset(spec)
-    check_weights(cfg, cfg.MODEL.WEIGHTS, label, unsafe_load=unsafe_load)
+    check_output_dir(Path(cfg.OUTPUT_DIR), task, resume)
+    report = check_weights(cfg, cfg.MODEL.WEIGHTS, label, unsafe_load=unsafe_load)
+    if task == "eval":
+        require_heads(report)
     cfg.freeze()
 
     info = {
@@ -204,6 +208,47 @@ def prepare(
     return Job(task=task, cfg=cfg, datasets=list(datasets.values()),
                config_file=str(config_file), info=info, resume=resume,
                unsafe_load=unsafe_load)
+
+
+#: Files a transfer run writes; one of them in --output-dir means a run is there already.
+RUN_FILES = ("last_checkpoint", "model_final.pth", "results.json", "metrics.json")
+
+
+def check_output_dir(out: Path, task: str, resume: bool) -> None:
+    """Refuse an output directory whose run would be replaced or mixed with this one;
+    with ``--resume``, check that the checkpoint to resume from is there and readable."""
+    if out.exists() and not out.is_dir():
+        raise TransferError(out, "--output-dir is a file, not a run directory")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if task == "eval":
+        if "results.json" in found:
+            raise TransferError(out, "already holds results.json of another run; evaluating "
+                                     "into it would replace it: choose another --output-dir")
+        return
+    if not resume:
+        if found:
+            raise TransferError(out, f"already holds a fine-tuning run ({found[0]}); pass "
+                                     f"--resume to continue it or choose another --output-dir")
+        return
+    pointer = out / "last_checkpoint"
+    if not pointer.is_file():
+        return  # --resume without a checkpoint starts from the weights, as Detectron2 does
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise TransferError(pointer, f"cannot read it ({err})") from None
+    checkpoint = out / name
+    if not name or not checkpoint.is_file():
+        raise TransferError(pointer, f"names the checkpoint {name or '(nothing)'!r}, which is "
+                                     f"not in {out}; delete last_checkpoint to start again "
+                                     f"from the weights")
+    try:
+        torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure: the file cannot be resumed from
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise TransferError(checkpoint, f"damaged checkpoint, cannot resume from it ({first}); "
+                                        f"point last_checkpoint at an earlier one or delete "
+                                        f"it") from None
 
 
 def _method_of(weights: Path) -> str:

@@ -19,7 +19,7 @@ import logging
 import pickle
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,7 @@ class LoadReport:
     resnet_missing: list[str]
     other_missing: int
     unexpected: list[str]
+    other_missing_keys: list[str] = field(default_factory=list)
 
     @property
     def resnet_loaded(self) -> int:
@@ -201,6 +202,10 @@ def load_weights(model: nn.Module, path: str, unsafe_load: bool = False) -> Load
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError,
             AttributeError, TypeError, AssertionError, IndexError, MemoryError,
             OverflowError) as err:
+        kind = file_kind(str(file))
+        if kind is not None:
+            raise TransferError(path, f"{kind}, not Detectron2 weights; convert it first: "
+                                      f"m2t-convert {path} weights.pkl") from None
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise TransferError(path, f"not a weights file Detectron2 can read (a .pkl from "
                                   f"m2t-convert or a Detectron2 .pth): {first}") from None
@@ -213,6 +218,7 @@ def load_weights(model: nn.Module, path: str, unsafe_load: bool = False) -> Load
         resnet_missing=[k for k in expected if k in missing],
         other_missing=len(missing - set(expected)),
         unexpected=list(incompatible.unexpected_keys) if incompatible else [],
+        other_missing_keys=sorted(missing - set(expected)),
     )
 
 
@@ -220,6 +226,10 @@ def require_backbone(report: LoadReport, cfg: CfgNode, config_name: str) -> None
     """Raise :class:`TransferError` unless every ResNet tensor was loaded."""
     if not report.resnet_missing:
         return
+    kind = file_kind(report.path)
+    if kind is not None:
+        raise TransferError(report.path, f"{kind}, not Detectron2 weights; convert it first: "
+                                         f"m2t-convert {report.path} weights.pkl")
     arch = _converted_arch(report.path)
     found = f" (it holds a {arch})" if arch else ""
     raise TransferError(
@@ -229,6 +239,38 @@ def require_backbone(report: LoadReport, cfg: CfgNode, config_name: str) -> None
         f"missing or have another shape (first: {report.resnet_missing[0]}); convert a "
         f"checkpoint of the matching architecture with m2t-convert or set MODEL.RESNETS.DEPTH",
     )
+
+
+def require_heads(report: LoadReport) -> None:
+    """Raise :class:`TransferError` unless the weights fill the whole detector (evaluation:
+    heads that were not loaded are random, and their AP means nothing)."""
+    if not report.other_missing_keys:
+        return
+    raise TransferError(
+        report.path,
+        f"evaluation needs a trained detector, but {len(report.other_missing_keys)} tensors of "
+        f"its heads are missing from the weights or have another shape (first: "
+        f"{report.other_missing_keys[0]}; e.g. a detector trained for another number of "
+        f"classes): they would be random; evaluate the model_final.pth of a fine-tuning run on "
+        f"the same categories")
+
+
+def file_kind(path: str) -> str | None:
+    """What a ``.pth`` holds when it is a checkpoint transfer cannot use as it is: an
+    ``m2t-pretrain`` checkpoint or a torchvision ResNet state dict; None otherwise."""
+    if not path.endswith((".pth", ".pt")):
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - only a hint for the error message
+        return None
+    if not isinstance(data, dict):
+        return None
+    if data.get("format") == "momentum2-pretrain" or {"student", "teacher"} <= data.keys():
+        return "a pretraining checkpoint (m2t-pretrain)"
+    if "conv1.weight" in data and any(str(k).startswith("layer1.") for k in data):
+        return "a torchvision ResNet state dict"
+    return None
 
 
 def check_weights(cfg: CfgNode, path: str, config_name: str,

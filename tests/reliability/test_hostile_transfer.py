@@ -1,0 +1,253 @@
+"""Hostile and messy input to ``m2t-transfer`` (issue 13): no code from configs, no result
+overwritten, one line and never a traceback.
+
+Each case builds its input in a fresh folder, runs the real CLI entry point in-process (an
+exception escaping ``main`` would be the traceback a user sees), and asserts: exit code 2, one
+``error:`` line naming the culprit, nothing on stderr besides, and every file that existed
+before the command byte-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from transfer.__main__ import main
+
+from .conftest import error_line, make_coco_dataset
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "transfer"
+DEMO = CONFIGS / "demo_mask_rcnn_R_18_FPN_shapes.yaml"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torchvision ResNet-18 converted to Detectron2 (backbone only)."""
+    from convert import convert_checkpoint
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), folder / "tv_r18.pth")
+    convert_checkpoint(str(folder / "tv_r18.pth"), str(folder / "r18.pkl"), force=True)
+    return folder / "r18.pkl"
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_coco_dataset(tmp_path_factory.mktemp("coco"), num_images=2)
+
+
+@dataclass
+class Case:
+    """``make(folder, weights, coco)`` writes the input and returns (argv, culprit)."""
+
+    make: Callable[[Path, Path, Path], tuple[list[str], str]]
+    message: str  # a fragment the error line must contain
+
+
+def _train(folder: Path, weights: Path, coco: Path, config: Path | str = DEMO,
+           *extra: str) -> list[str]:
+    return ["train", "--config", str(config), "--weights", str(weights),
+            "--train-dataset", str(coco), "--train-images", str(coco.parent / "images"),
+            "--test-dataset", str(coco), "--test-images", str(coco.parent / "images"),
+            "--output-dir", str(folder / "run"), *extra, "MODEL.DEVICE", "cpu"]
+
+
+def _config(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def code_in_config(folder, weights, coco):
+    cfg = _config(folder, "evil.yaml", f'_BASE_: "{DEMO}"\nSEED: !!python/object/apply:'
+                                       f'os.system ["touch {folder}/PWNED"]\n')
+    return _train(folder, weights, coco, cfg), str(cfg)
+
+
+def code_in_base(folder, weights, coco):
+    base = _config(folder, "base.yaml", f'_BASE_: "{DEMO}"\nSEED: !!python/object/apply:'
+                                        f'os.system ["touch {folder}/PWNED"]\n')
+    cfg = _config(folder, "child.yaml", '_BASE_: "base.yaml"\n')
+    return _train(folder, weights, coco, cfg), str(base)
+
+
+def python_name_tag(folder, weights, coco):
+    cfg = _config(folder, "name.yaml", f'_BASE_: "{DEMO}"\nSEED: !!python/name:os.getcwd\n')
+    return _train(folder, weights, coco, cfg), str(cfg)
+
+
+def alias_bomb(folder, weights, coco):
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        prev, cur = chr(96 + i), chr(97 + i)
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    cfg = _config(folder, "bomb.yaml", "\n".join(lines) + "\n")
+    return _train(folder, weights, coco, cfg), str(cfg)
+
+
+def recursive_alias(folder, weights, coco):
+    cfg = _config(folder, "rec.yaml", f'_BASE_: "{DEMO}"\nX: &x {{a: *x}}\n')
+    return _train(folder, weights, coco, cfg), str(cfg)
+
+
+def base_loop(folder, weights, coco):
+    _config(folder, "a.yaml", '_BASE_: "b.yaml"\n')
+    cfg = _config(folder, "b.yaml", '_BASE_: "a.yaml"\n')
+    return _train(folder, weights, coco, folder / "a.yaml"), str(cfg.parent / "a.yaml")
+
+
+def base_url(folder, weights, coco):
+    cfg = _config(folder, "url.yaml", '_BASE_: "https://example.invalid/x.yaml"\n')
+    return _train(folder, weights, coco, cfg), str(cfg)
+
+
+def base_missing(folder, weights, coco):
+    _config(folder, "orphan.yaml", '_BASE_: "gone.yaml"\n')
+    return _train(folder, weights, coco, folder / "orphan.yaml"), str(folder / "gone.yaml")
+
+
+def deep_nesting(folder, weights, coco):
+    cfg = _config(folder, "deep.yaml", "X: " + "[" * 5000 + "]" * 5000 + "\n")
+    return _train(folder, weights, coco, cfg), str(cfg)
+
+
+def not_text(folder, weights, coco):
+    cfg = folder / "bin.yaml"
+    cfg.write_bytes(bytes(range(256)) * 4)
+    return _train(folder, weights, coco, cfg), str(cfg)
+
+
+def finished_run(folder, weights, coco):
+    run = folder / "run"
+    run.mkdir()
+    for name in ("model_final.pth", "results.json", "metrics.json", "log.txt"):
+        (run / name).write_text(f"{name} of an earlier run\n")
+    return _train(folder, weights, coco), str(run)
+
+
+def eval_into_a_run(folder, weights, coco):
+    argv, culprit = finished_run(folder, weights, coco)
+    argv[0] = "eval"
+    i = argv.index("--train-dataset")
+    del argv[i:i + 4]
+    return argv, culprit
+
+
+def resume_missing_checkpoint(folder, weights, coco):
+    run = folder / "run"
+    run.mkdir()
+    (run / "last_checkpoint").write_text("model_0000009.pth")
+    return _train(folder, weights, coco, DEMO, "--resume"), str(run / "last_checkpoint")
+
+
+def resume_truncated_checkpoint(folder, weights, coco):
+    run = folder / "run"
+    run.mkdir()
+    torch.save({"model": {"w": torch.zeros(1000)}, "iteration": 3}, run / "model_0000003.pth")
+    data = (run / "model_0000003.pth").read_bytes()
+    (run / "model_0000003.pth").write_bytes(data[: len(data) // 2])
+    (run / "last_checkpoint").write_text("model_0000003.pth")
+    return _train(folder, weights, coco, DEMO, "--resume"), str(run / "model_0000003.pth")
+
+
+def torchvision_weights(folder, weights, coco):
+    path = weights.parent / "tv_r18.pth"
+    return _train(folder, path, coco), str(path)
+
+
+def pretraining_checkpoint(folder, weights, coco):
+    path = folder / "last.pth"
+    torch.save({"format": "momentum2-pretrain", "version": 1, "student": {}, "teacher": {}},
+               path)
+    return _train(folder, path, coco), str(path)
+
+
+def eval_with_random_heads(folder, weights, coco):
+    argv = _train(folder, weights, coco)
+    argv[0] = "eval"
+    i = argv.index("--train-dataset")
+    del argv[i:i + 4]
+    return argv, str(weights)
+
+
+CASES = {
+    "code in the config": Case(code_in_config, "--unsafe-load"),
+    "code in a _BASE_": Case(code_in_base, "!!python/object/apply:os.system"),
+    "python name tag": Case(python_name_tag, "safe loading refuses"),
+    "alias bomb": Case(alias_bomb, "expands to more than"),
+    "recursive alias": Case(recursive_alias, "expands to more than"),
+    "_BASE_ loop": Case(base_loop, "loops back"),
+    "_BASE_ URL": Case(base_url, "local files only"),
+    "_BASE_ missing": Case(base_missing, "not found"),
+    "deep nesting": Case(deep_nesting, "nested too deeply"),
+    "binary config": Case(not_text, "not UTF-8"),
+    "train into a finished run": Case(finished_run, "--resume"),
+    "eval into a run": Case(eval_into_a_run, "results.json"),
+    "resume: checkpoint missing": Case(resume_missing_checkpoint, "model_0000009.pth"),
+    "resume: truncated checkpoint": Case(resume_truncated_checkpoint, "damaged checkpoint"),
+    "torchvision weights": Case(torchvision_weights, "torchvision ResNet state dict"),
+    "pretraining checkpoint": Case(pretraining_checkpoint, "pretraining checkpoint"),
+    "eval with random heads": Case(eval_with_random_heads, "would be random"),
+}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_transfer_refuses_hostile_input_in_one_line(name: str, weights: Path, coco: Path,
+                                                    tmp_path: Path, capsys, ledger) -> None:
+    case = CASES[name]
+    argv, culprit = case.make(tmp_path, weights, coco)
+    before = snapshot(tmp_path)
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    elapsed = time.perf_counter() - t0
+    ledger.bad_input("transfer CLI input")
+    line = error_line(capsys.readouterr().err, culprit)
+    assert case.message in line, line
+    assert snapshot(tmp_path) == before  # nothing changed, nothing half-written
+    assert not (tmp_path / "PWNED").exists()
+    assert elapsed < 30, f"{name}: refused only after {elapsed:.0f} s"
+
+
+def test_unsafe_load_opts_in_to_a_trusted_configs_tags(weights: Path, coco: Path,
+                                                       tmp_path: Path) -> None:
+    """``--unsafe-load`` is the user's word that the file is trusted: the tag is constructed
+    (here a harmless ``!!python/tuple``), as Detectron2 would without our check."""
+    from transfer.config import load_config
+
+    cfg = _config(tmp_path, "tuple.yaml", f'_BASE_: "{DEMO}"\nINPUT:\n  MIN_SIZE_TRAIN: '
+                                          f'!!python/tuple [96, 128]\n')
+    with pytest.raises(Exception, match="--unsafe-load"):
+        load_config(str(cfg))
+    assert load_config(str(cfg), unsafe_load=True).INPUT.MIN_SIZE_TRAIN == (96, 128)
+
+
+def test_the_guard_accepts_every_shipped_config() -> None:
+    from transfer.yaml_guard import check_config_chain
+
+    shipped = sorted(CONFIGS.glob("*.yaml"))
+    assert len(shipped) >= 10
+    for path in shipped:
+        check_config_chain(path)  # raises on a false alarm
+
+
+def test_resume_accepts_a_readable_checkpoint(tmp_path: Path) -> None:
+    """The resume check refuses damaged state only: a whole checkpoint passes."""
+    from transfer.train import check_output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": {"w": torch.ones(3)}, "iteration": 4, "scheduler":
+                {"base_lrs": [0.1], "last_epoch": 4}}, run / "model_0000004.pth")
+    (run / "last_checkpoint").write_text("model_0000004.pth")
+    check_output_dir(run, "train", resume=True)  # raises on a false alarm
