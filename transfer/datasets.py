@@ -15,6 +15,7 @@ COCO/LVIS format, every image listed is present) and returns a picklable
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -54,6 +55,10 @@ class DatasetSpec:
     num_images: int = 0
     #: whether every non-crowd annotation has a segmentation (needed by mask heads).
     has_masks: bool = False
+    #: whether some non-crowd annotation's mask is RLE (needs ``INPUT.MASK_FORMAT bitmask``).
+    has_rle_masks: bool = False
+    #: images (``file_name`` as Detectron2 sees it) that could not be read: left out.
+    skipped_images: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -118,9 +123,14 @@ def resolve_dataset(
     if image_root and not images.is_dir():
         raise TransferError(images, "image folder does not exist")
     _check_format(json_file, data, kind)
+    skipped: list[Path] = []
     if check_images:
         _check_images(json_file, data, images, kind)
-    return _describe(name, json_file, images, kind, data)
+        skipped = unreadable_images(json_file, data, images, kind)
+    spec = _describe(name, json_file, images, kind, data)
+    if skipped:
+        spec = dataclasses.replace(spec, skipped_images=tuple(str(p) for p in skipped))
+    return spec
 
 
 def read_annotation_json(path: Path) -> dict[str, Any]:
@@ -220,7 +230,13 @@ def _check_format(path: Path, data: dict[str, Any], kind: str) -> None:
             if key in img and not (isinstance(img[key], list) and all(map(is_id, img[key]))):
                 raise bad(f"images[{i}] has '{key}' that is not a list of category ids")
     cat_ids = {c["id"] for c in data["categories"]}
-    img_ids = {img["id"] for img in data["images"]}
+    img_ids: dict[int, int] = {}
+    for i, img in enumerate(data["images"]):
+        if img["id"] in img_ids:
+            raise bad(f"images[{i}] repeats id {img['id']} of images[{img_ids[img['id']]}]")
+        img_ids[img["id"]] = i
+    sizes = {img["id"]: [img["height"], img["width"]] for img in data["images"]}
+    ann_ids: dict[int, int] = {}
     for i, ann in enumerate(data["annotations"]):
         if not is_id(ann["image_id"]) or not is_id(ann["category_id"]):
             raise bad(f"annotations[{i}] needs integer 'image_id' and 'category_id'")
@@ -230,12 +246,28 @@ def _check_format(path: Path, data: dict[str, Any], kind: str) -> None:
             raise bad(f"annotations[{i}] has image_id {ann['image_id']}, not in images")
         if not is_id(ann.get("id")):
             raise bad(f"annotations[{i}] needs an integer 'id'")
+        if ann["id"] in ann_ids:
+            raise bad(f"annotations[{i}] repeats id {ann['id']} of annotations[{ann_ids[ann['id']]}]"
+                      f" (Detectron2 and COCO evaluation need unique ids)")
+        ann_ids[ann["id"]] = i
+        if "area" not in ann:
+            raise bad(f"annotations[{i}] has no 'area' (COCO evaluation sorts objects by it)")
         if kind == "coco" and ann.get("iscrowd") not in (0, 1):
             raise bad(f"annotations[{i}] needs 'iscrowd' 0 or 1 (COCO evaluation reads it)")
         if not is_box(ann["bbox"]):
             raise bad(f"annotations[{i}] has a bbox that is not [x, y, width, height]")
         if "segmentation" in ann and not is_segmentation(ann["segmentation"]):
             raise bad(f"annotations[{i}] has a segmentation that is neither polygons nor RLE")
+        seg = ann.get("segmentation")
+        if isinstance(seg, dict):
+            if [int(x) for x in seg["size"]] != [int(x) for x in sizes[ann["image_id"]]]:
+                raise bad(f"annotations[{i}] has an RLE mask of size {seg['size']} on image "
+                          f"{ann['image_id']} of size {sizes[ann['image_id']]} (height, width)")
+            total = rle_length(seg["counts"])
+            if total != seg["size"][0] * seg["size"][1]:
+                raise bad(f"annotations[{i}] has RLE counts that cover "
+                          f"{'an unreadable number of' if total is None else total} pixels, "
+                          f"not the {seg['size'][0] * seg['size'][1]} of its mask")
         if not all(is_number(ann[k]) for k in ("area", "iscrowd") if k in ann):
             raise bad(f"annotations[{i}] has an 'area' or 'iscrowd' that is not a number")
     if kind == "lvis" and sorted(cat_ids) != list(range(1, len(cat_ids) + 1)):
@@ -270,6 +302,41 @@ def is_segmentation(value: Any) -> bool:
     return False
 
 
+def rle_length(counts: str | list[int]) -> int | None:
+    """Pixels an RLE's ``counts`` cover (their sum); None if a compressed string is garbage.
+
+    pycocotools decodes compressed counts without bounds checks (counts that sum past the
+    mask overrun its buffer), and offers no validator; this reads the format of its
+    ``rleFrString``: 5 bits per character (offset 48), bit 0x20 continues a number, the last
+    character's 0x10 bit is the sign, and from the third count on each is a delta on the count
+    two before.
+    """
+    if isinstance(counts, list):
+        return sum(counts) if all(c >= 0 for c in counts) else None
+    values: list[int] = []
+    i = 0
+    while i < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if i >= len(counts):
+                return None
+            c = ord(counts[i]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            i += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(values) > 2:
+            x += values[-2]
+        if x < 0:
+            return None
+        values.append(x)
+    return sum(values)
+
+
 def image_relpath(img: dict[str, Any], kind: str) -> str:
     """Where an image entry lives relative to the image root (LVIS: ``<split>/<file>``)."""
     if kind == "lvis":
@@ -294,6 +361,34 @@ def _check_images(path: Path, data: dict[str, Any], images: Path, kind: str) -> 
         raise TransferError(images, f"{len(missing)} of {len(data['images'])} images listed in "
                                     f"{path} are missing (first: {missing[0]}); give the image "
                                     f"folder with --train-images / --test-images")
+
+
+def unreadable_images(path: Path, data: dict[str, Any], images: Path, kind: str) -> list[Path]:
+    """Images that cannot be opened (empty, not an image, a folder named ``x.jpg``); raise
+    :class:`TransferError` for one whose size differs from its JSON entry.
+
+    Reads headers only. The size is the one Detectron2 checks (``check_image_size``), after the
+    EXIF orientation it applies: a photo stored 640×480 with orientation 6 is 480×640.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for i, img in enumerate(data["images"]):
+        file = images / image_relpath(img, kind)
+        try:
+            with Image.open(file) as im:
+                width, height = im.size
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
+                    width, height = height, width
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+            bad.append(file)
+            continue
+        if (width, height) != (img["width"], img["height"]):
+            raise TransferError(path, f"images[{i}] ({image_relpath(img, kind)}) is "
+                                      f"{img['width']}×{img['height']} in the JSON but "
+                                      f"{width}×{height} on disk (EXIF orientation applied); "
+                                      f"fix its width and height")
+    return bad
 
 
 def _describe(name: str, json_file: Path, images: Path, kind: str,
@@ -323,6 +418,8 @@ def _describe(name: str, json_file: Path, images: Path, kind: str,
         num_images=len(data["images"]),
         has_masks=bool(data["annotations"]) and all(
             ann.get("segmentation") for ann in data["annotations"] if not ann.get("iscrowd")),
+        has_rle_masks=any(isinstance(ann.get("segmentation"), dict)
+                          for ann in data["annotations"] if not ann.get("iscrowd")),
     )
 
 
@@ -342,11 +439,12 @@ def register_dataset(spec: DatasetSpec) -> str:
         lvis_root = image_root.rstrip(os.sep) + os.sep
         if spec.name in BUILTIN:
             meta = get_lvis_instances_meta(spec.name)
-            DatasetCatalog.register(spec.name,
-                                    lambda: load_lvis_json(json_file, lvis_root, spec.name))
+            DatasetCatalog.register(spec.name, lambda: _without(
+                load_lvis_json(json_file, lvis_root, spec.name), spec.skipped_images))
         else:
             meta = {"thing_classes": spec.thing_classes}
-            DatasetCatalog.register(spec.name, lambda: load_lvis_json(json_file, lvis_root))
+            DatasetCatalog.register(spec.name, lambda: _without(
+                load_lvis_json(json_file, lvis_root), spec.skipped_images))
         meta.setdefault("class_image_count", spec.class_image_count)
         MetadataCatalog.get(spec.name).set(json_file=json_file, image_root=lvis_root,
                                            evaluator_type="lvis", **meta)
@@ -356,9 +454,17 @@ def register_dataset(spec: DatasetSpec) -> str:
         else:
             meta = {"thing_classes": spec.thing_classes,
                     "thing_dataset_id_to_contiguous_id": spec.id_map}
-        DatasetCatalog.register(spec.name,
-                                lambda: load_coco_json(json_file, image_root, spec.name))
+        DatasetCatalog.register(spec.name, lambda: _without(
+            load_coco_json(json_file, image_root, spec.name), spec.skipped_images))
         MetadataCatalog.get(spec.name).set(json_file=json_file, image_root=image_root,
                                            evaluator_type="coco",
                                            class_image_count=spec.class_image_count, **meta)
     return spec.name
+
+
+def _without(dicts: list[dict[str, Any]], skipped: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Detectron2's dataset dicts less the images found unreadable when checking."""
+    if not skipped:
+        return dicts
+    gone = {os.path.realpath(p) for p in skipped}
+    return [d for d in dicts if os.path.realpath(d["file_name"]) not in gone]

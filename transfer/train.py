@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup, launch
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import DatasetEvaluator
@@ -63,6 +64,11 @@ class Trainer(DefaultTrainer):
             super().__init__(cfg)
 
     @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        """Detectron2's loader, with a mapper that skips images that fail to decode."""
+        return build_detection_train_loader(cfg, mapper=SkippingMapper(cfg, is_train=True))
+
+    @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str,
                         output_folder: str | None = None) -> DatasetEvaluator:
         folder = output_folder or evaluation_folder(cfg, dataset_name)
@@ -78,6 +84,26 @@ class Trainer(DefaultTrainer):
 def evaluation_folder(cfg: CfgNode, dataset_name: str) -> str:
     """Where a test set's results file and evaluation details go: ``OUTPUT_DIR/inference/<name>``."""
     return os.path.join(cfg.OUTPUT_DIR, "inference", Path(dataset_name).stem)
+
+
+class SkippingMapper(DatasetMapper):
+    """``DatasetMapper`` that skips an image it cannot decode (truncated, emptied, replaced by
+    a folder after the start-up check) with a warning naming it and a running count: it
+    returns None, and Detectron2's ``MapDataset`` then maps another image in its place."""
+
+    skipped = 0  # per process (each DataLoader worker counts its own)
+
+    def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return super().__call__(dataset_dict)
+        except (OSError, SyntaxError) as err:  # what PIL raises for unreadable image data
+            type(self).skipped += 1
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            # under "detectron2" so that it reaches the run's log.txt with Detectron2's lines
+            logging.getLogger("detectron2.transfer").warning(
+                "skipped unreadable image %s (%s); %d skipped by this loader worker so far",
+                dataset_dict.get("file_name"), first, type(self).skipped)
+            return None
 
 
 @contextlib.contextmanager
@@ -164,6 +190,19 @@ def prepare(
             raise TransferError(spec.json_file, f"its {spec.num_classes} categories differ from "
                                                 f"the {reference.num_classes} of "
                                                 f"{reference.json_file}")
+    for spec in test_specs:
+        if spec.skipped_images:
+            raise TransferError(spec.skipped_images[0], f"cannot be read (the first of "
+                                f"{len(spec.skipped_images)} unreadable images of "
+                                f"{spec.json_file}); evaluation needs every image")
+    for spec in train_specs:
+        if spec.skipped_images:
+            print(f"warning: {spec.json_file}: skipping {len(spec.skipped_images)} unreadable "
+                  f"image(s), e.g. {spec.skipped_images[0]}", file=sys.stderr, flush=True)
+    if cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon" and any(
+            spec.has_rle_masks for spec in train_specs):
+        cfg.INPUT.MASK_FORMAT = "bitmask"  # Detectron2 reads RLE masks only as bitmasks
+        logger.info("RLE masks in the training set: INPUT.MASK_FORMAT set to bitmask")
     if cfg.MODEL.MASK_ON:
         for spec in train_specs:
             if not spec.has_masks:

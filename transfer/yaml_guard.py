@@ -95,13 +95,19 @@ def _check_file(path: Path, unsafe_load: bool) -> Path | None:
 
 
 def _base_path(path: Path, base: str) -> Path:
-    """Where Detectron2's ``load_yaml_with_base`` looks for ``base``."""
-    if base.startswith("~"):
-        return Path(base).expanduser()
+    """Where Detectron2's ``load_yaml_with_base`` looks for ``base``; it must be a file."""
+    if "\x00" in base or len(base) > 4096:
+        raise TransferError(path, "_BASE_ is not a file name")
     if "://" in base:
-        raise TransferError(path, f"_BASE_ {base.split('://')[0]}://... is a URL; configs are "
-                                  f"read from local files only")
-    return Path(base) if os.path.isabs(base) else path.parent / base
+        raise TransferError(path, f"_BASE_ {base.split('://')[0][:20]}://... is a URL; configs "
+                                  f"are read from local files only")
+    if base.startswith("~"):
+        found = Path(base).expanduser()
+    else:
+        found = Path(base) if os.path.isabs(base) else path.parent / base
+    if not found.is_file():
+        raise TransferError(path, f"its _BASE_ {found} is not a config file")
+    return found
 
 
 def _expanded_size(node: yaml.Node, memo: dict[int, int], path: Path, unsafe_load: bool) -> int:

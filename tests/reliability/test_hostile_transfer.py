@@ -9,6 +9,7 @@ before the command byte-identical afterwards.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ def base_url(folder, weights, coco):
 
 def base_missing(folder, weights, coco):
     _config(folder, "orphan.yaml", '_BASE_: "gone.yaml"\n')
-    return _train(folder, weights, coco, folder / "orphan.yaml"), str(folder / "gone.yaml")
+    return _train(folder, weights, coco, folder / "orphan.yaml"), str(folder / "orphan.yaml")
 
 
 def deep_nesting(folder, weights, coco):
@@ -185,7 +186,7 @@ CASES = {
     "recursive alias": Case(recursive_alias, "expands to more than"),
     "_BASE_ loop": Case(base_loop, "loops back"),
     "_BASE_ URL": Case(base_url, "local files only"),
-    "_BASE_ missing": Case(base_missing, "not found"),
+    "_BASE_ missing": Case(base_missing, "gone.yaml is not a config file"),
     "deep nesting": Case(deep_nesting, "nested too deeply"),
     "binary config": Case(not_text, "not UTF-8"),
     "train into a finished run": Case(finished_run, "--resume"),
@@ -200,23 +201,6 @@ CASES = {
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_transfer_refuses_hostile_input_in_one_line(name: str, weights: Path, coco: Path,
-                                                    tmp_path: Path, capsys, ledger) -> None:
-    case = CASES[name]
-    argv, culprit = case.make(tmp_path, weights, coco)
-    before = snapshot(tmp_path)
-    t0 = time.perf_counter()
-    assert main(argv) == 2
-    elapsed = time.perf_counter() - t0
-    ledger.bad_input("transfer CLI input")
-    line = error_line(capsys.readouterr().err, culprit)
-    assert case.message in line, line
-    assert snapshot(tmp_path) == before  # nothing changed, nothing half-written
-    assert not (tmp_path / "PWNED").exists()
-    assert elapsed < 30, f"{name}: refused only after {elapsed:.0f} s"
 
 
 def test_unsafe_load_opts_in_to_a_trusted_configs_tags(weights: Path, coco: Path,
@@ -251,3 +235,179 @@ def test_resume_accepts_a_readable_checkpoint(tmp_path: Path) -> None:
                 {"base_lrs": [0.1], "last_epoch": 4}}, run / "model_0000004.pth")
     (run / "last_checkpoint").write_text("model_0000004.pth")
     check_output_dir(run, "train", resume=True)  # raises on a false alarm
+
+
+# ----- datasets: checked as Detectron2 will use them -------------------------------------------
+
+def _dataset(folder: Path, edit: Callable[[dict, Path], None]) -> Path:
+    """A copy of the 2-image COCO dataset, its JSON changed by ``edit(data, images)``."""
+    src = make_coco_dataset(folder / "data", num_images=2)
+    data = json.loads(src.read_text())
+    edit(data, src.parent / "images")
+    src.write_text(json.dumps(data))
+    return src
+
+
+def _train_on(folder: Path, weights: Path, data: Path, test: Path | None = None) -> list[str]:
+    test = test or data
+    return ["train", "--config", str(DEMO), "--weights", str(weights),
+            "--train-dataset", str(data), "--train-images", str(data.parent / "images"),
+            "--test-dataset", str(test), "--test-images", str(test.parent / "images"),
+            "--output-dir", str(folder / "run"), "MODEL.DEVICE", "cpu"]
+
+
+def duplicate_annotation_ids(folder, weights, coco):
+    def edit(d, images):
+        d["annotations"][1]["id"] = d["annotations"][0]["id"]
+    data = _dataset(folder, edit)
+    return _train_on(folder, weights, data), str(data)
+
+
+def duplicate_image_ids(folder, weights, coco):
+    def edit(d, images):
+        d["images"][1]["id"] = d["images"][0]["id"]
+    data = _dataset(folder, edit)
+    return _train_on(folder, weights, data), str(data)
+
+
+def missing_area(folder, weights, coco):
+    def edit(d, images):
+        del d["annotations"][2]["area"]
+    data = _dataset(folder, edit)
+    return _train_on(folder, weights, data), str(data)
+
+
+def _rle(h: int, w: int) -> dict:
+    import numpy as np
+    import pycocotools.mask as mask_util
+
+    m = np.zeros((h, w), dtype=np.uint8, order="F")
+    m[10:40, 20:50] = 1
+    rle = mask_util.encode(m)
+    return {"size": [h, w], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_of_another_size(folder, weights, coco):
+    def edit(d, images):
+        d["annotations"][0]["segmentation"] = _rle(64, 64)  # the images are 128 × 128
+    data = _dataset(folder, edit)
+    return _train_on(folder, weights, data), str(data)
+
+
+def rle_with_garbage_counts(folder, weights, coco):
+    def edit(d, images):
+        d["annotations"][0]["segmentation"] = {"size": [128, 128], "counts": "0~~~~~~~~~~~"}
+    data = _dataset(folder, edit)
+    return _train_on(folder, weights, data), str(data)
+
+
+def json_size_differs(folder, weights, coco):
+    def edit(d, images):
+        d["images"][0]["width"] = 200
+    data = _dataset(folder, edit)
+    return _train_on(folder, weights, data), str(data)
+
+
+def exif_rotation(folder, weights, coco):
+    """A 160 × 128 JPEG with EXIF orientation 6: Detectron2 sees it 128 wide, 160 high."""
+    from PIL import Image
+
+    def edit(d, images):
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.new("RGB", (160, 128)).save(images / "rot.jpg", exif=exif.tobytes())
+        d["images"][0].update(file_name="rot.jpg", width=160, height=128)
+    data = _dataset(folder, edit)
+    return _train_on(folder, weights, data), str(data)
+
+
+def unreadable_test_image(folder, weights, coco):
+    def edit(d, images):
+        (images / "001.png").write_bytes(b"")
+    data = _dataset(folder, edit)
+    return _train_on(folder, weights, coco, test=data), str(data.parent / "images" / "001.png")
+
+
+CASES.update({
+    "duplicate annotation ids": Case(duplicate_annotation_ids, "repeats id"),
+    "duplicate image ids": Case(duplicate_image_ids, "repeats id"),
+    "missing area": Case(missing_area, "no 'area'"),
+    "RLE of another size": Case(rle_of_another_size, "RLE mask of size [64, 64]"),
+    "RLE with garbage counts": Case(rle_with_garbage_counts, "RLE counts"),
+    "JSON size differs from the image": Case(json_size_differs, "200×128 in the JSON"),
+    "EXIF rotation": Case(exif_rotation, "EXIF orientation"),
+    "unreadable test image": Case(unreadable_test_image, "evaluation needs every image"),
+})
+
+
+def test_rle_length_reads_pycocotools_encodings() -> None:
+    import numpy as np
+    import pycocotools.mask as mask_util
+
+    from transfer.datasets import rle_length
+
+    rng = np.random.default_rng(0)
+    for h, w in [(1, 1), (7, 13), (128, 96), (480, 640)]:
+        for density in (0.0, 0.3, 1.0):
+            m = np.asfortranarray((rng.random((h, w)) < density).astype(np.uint8))
+            rle = mask_util.encode(m)
+            assert rle_length(rle["counts"].decode("ascii")) == h * w
+            assert mask_util.area(rle) == m.sum()
+    assert rle_length([3, 4, 5]) == 12
+    assert rle_length([3, -4]) is None
+    assert rle_length("0~~~~~~~~~~~") != 128 * 128
+    assert rle_length("\x7f") is None
+
+
+def test_rle_masks_train_with_the_polygon_config_and_unreadable_images_are_skipped(
+        weights: Path, tmp_path: Path, capsys) -> None:
+    """Non-crowd RLE masks switch INPUT.MASK_FORMAT to bitmask; an empty training image is
+    left out with a warning naming it; a JPEG cut after its header fails only when decoded,
+    in a loader worker, and is skipped there."""
+    def edit(d, images):
+        d["annotations"][0]["segmentation"] = _rle(128, 128)
+        d["annotations"][0]["bbox"] = [20, 10, 30, 30]
+        (images / "000.png").write_bytes(b"")
+        import numpy as np
+        from PIL import Image
+
+        noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(images / "cut.jpg", quality=95)
+        whole = (images / "cut.jpg").read_bytes()
+        (images / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # the header stays whole
+        with Image.open(images / "cut.jpg") as im:
+            assert im.size == (128, 128)
+        d["images"].append({"id": 3, "file_name": "cut.jpg", "height": 128, "width": 128})
+        d["annotations"].append({"id": 99, "image_id": 3, "category_id": 1, "iscrowd": 0,
+                                 "bbox": [5, 5, 40, 40], "area": 1600,
+                                 "segmentation": [[5, 5, 45, 5, 45, 45, 5, 45]]})
+    data = _dataset(tmp_path, edit)
+    test = make_coco_dataset(tmp_path / "test", num_images=1)
+    argv = _train_on(tmp_path, weights, data, test=test)
+    argv += ["SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+             "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST", "96"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "000.png" in err
+    cfg = (tmp_path / "run" / "config.yaml").read_text()
+    assert "MASK_FORMAT: bitmask" in cfg
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "skipped unreadable image" in log and "cut.jpg" in log
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["bbox"]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_transfer_refuses_hostile_input_in_one_line(name: str, weights: Path, coco: Path,
+                                                    tmp_path: Path, capsys, ledger) -> None:
+    case = CASES[name]
+    argv, culprit = case.make(tmp_path, weights, coco)
+    before = snapshot(tmp_path)
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    elapsed = time.perf_counter() - t0
+    ledger.bad_input("transfer CLI input")
+    line = error_line(capsys.readouterr().err, culprit)
+    assert case.message in line, line
+    assert snapshot(tmp_path) == before  # nothing changed, nothing half-written
+    assert not (tmp_path / "PWNED").exists()
+    assert elapsed < 30, f"{name}: refused only after {elapsed:.0f} s"
