@@ -222,8 +222,8 @@ def _section(label: str, size: str, runs: dict[str, dict[str, Any]]) -> tuple[st
                    for task in TASKS for evaluator in ("official", "fast")]
     text = "\n".join([
         f"### {label}", "", size, "",
-        md_table(["evaluator", "ground truth (s)", "bbox (s)", "segm (s)", "total (s)",
-                  "CPU (s)", "peak RSS (MiB)", "RSS growth while scoring (MiB)"], rows), "",
+        md_table(["evaluator", "ground truth (s)", "bbox (s)", "segm (s)", "total, wall (s)",
+                  "total, CPU (s)", "peak RSS (MiB)", "RSS growth while scoring (MiB)"], rows), "",
         f"Every number reported ({len(names)} per task, {2 * len(names)} in all): largest "
         f"difference fast − official = {diff:.1e} (percentage points).", "",
         md_table(["task, evaluator", *names], metric_rows), ""])
@@ -242,11 +242,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default benchmarks/results)")
+    parser.add_argument("--render", type=Path, metavar="EVAL_SPEED_JSON",
+                        help="measure nothing: rewrite the summary of a finished run from its "
+                             "saved .json")
     parser.add_argument("--child", nargs=4, metavar=("GT", "DETS", "KIND", "EVALUATOR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
+        return
+    if args.render:
+        print(render(args.render).read_text())
         return
     for source in (COCO_SOURCE, LVIS_SOURCE):
         if not source.is_file():
@@ -266,6 +272,7 @@ def main() -> None:
             dets_file.write_text(json.dumps(dets))
             sizes[kind] = {"images": len(gt["images"]), "annotations": len(gt["annotations"]),
                            "categories": len(gt["categories"]), "detections": len(dets),
+                           "per_image": per_image,
                            "results_file_mib": round(dets_file.stat().st_size / 2**20, 1),
                            "generation_s": round(time.perf_counter() - start, 1)}
             print(f"{kind}: {sizes[kind]}", flush=True)
@@ -273,12 +280,22 @@ def main() -> None:
             # alternate which evaluator runs first, so neither always follows the other
             order = EVALUATORS if kind == "coco" else EVALUATORS[::-1]
             measured[kind] = {ev: run_child(gt_file, dets_file, kind, ev) for ev in order}
-    info = machine()
+    print(write_report({"sizes": sizes, "runs": measured}, machine(), load_before,
+                       args.out).read_text())
+
+
+def write_report(data: dict[str, Any], info: dict[str, Any],
+                 load_before: Any, out: Path | None) -> Path:
+    """Summarise the measurements into ``eval_speed.md`` and ``.json``; the goals are judged
+    on CPU time, which waiting for a CPU taken by other jobs does not inflate."""
+    sizes, measured = data["sizes"], data["runs"]
     body, data = [], {"sizes": sizes, "runs": measured, "summary": {}}
     labels = {"coco": "COCO-val-sized", "lvis": "LVIS-sized"}
-    for kind, source, _, per_image in plan:
+    sources = {"coco": COCO_SOURCE, "lvis": LVIS_SOURCE}
+    for kind in ("coco", "lvis"):
         s = sizes[kind]
-        size = (f"{s['images']:,} images (the {source.relative_to(DATA).parts[0]} images "
+        per_image = s.get("per_image", s["detections"] // s["images"])
+        size = (f"{s['images']:,} images (the {sources[kind].relative_to(DATA).parts[0]} images "
                 f"repeated with fresh noise), {s['annotations']:,} ground-truth objects, "
                 f"{s['categories']:,} categories, {s['detections']:,} detections "
                 f"({per_image} per image, boxes and RLE masks; results file "
@@ -287,27 +304,44 @@ def main() -> None:
         if s["images"] < real_images:
             size += (f" **Scaled down**: {real_images:,} images would be the real size; this "
                      f"is {s['images'] / real_images:.1%} of it.")
-        text, summary = _section(f"{labels[kind]} ({kind.upper()} mode)", size, measured[kind])
+        text, part = _section(f"{labels[kind]} ({kind.upper()} mode)", size, measured[kind])
         body.append(text)
-        data["summary"][kind] = summary
-    goals = md_table(["goal", "measured", "met"], [
-        ["COCO ≥ 4× faster", f"{data['summary']['coco']['speedup_wall']['total']:.2f}×",
-         "yes" if data["summary"]["coco"]["speedup_wall"]["total"] >= 4 else "no"],
-        ["LVIS ≥ 5× faster", f"{data['summary']['lvis']['speedup_wall']['total']:.2f}×",
-         "yes" if data["summary"]["lvis"]["speedup_wall"]["total"] >= 5 else "no"],
+        data["summary"][kind] = part
+    summary = data["summary"]
+
+    def goal(kind: str, target: float) -> list[str]:
+        cpu, wall = summary[kind]["speedup_cpu"], summary[kind]["speedup_wall"]["total"]
+        return [f"{kind.upper()} ≥ {target:g}× faster", f"{cpu:.2f}×", f"{wall:.2f}×",
+                "yes" if cpu >= target else "no"]
+
+    goals = md_table(["goal", "measured, CPU time", "measured, wall time", "met (CPU time)"], [
+        goal("coco", 4), goal("lvis", 5),
         ["identical AP", "largest difference " + ", ".join(
-            f"{k.upper()} {v['max_metric_difference']:.1e}" for k, v in data["summary"].items()),
-         "yes" if all(v["max_metric_difference"] <= 1e-6 for v in data["summary"].values())
+            f"{k.upper()} {v['max_metric_difference']:.1e}" for k, v in summary.items()),
+         "", "yes" if all(v["max_metric_difference"] <= 1e-6 for v in summary.values())
          else "no"]])
+    shares = "; ".join(f"{kind.upper()} {ev} {runs[ev]['cpu_s']['total'] / runs[ev]['wall_s']['total']:.0%}"
+                       for kind, runs in measured.items() for ev in EVALUATORS)
     intro = ("Wall time of a fresh process per evaluator (ground-truth load, then bbox, then "
              "segm), CPU time (user + system) of the same steps, and peak resident memory "
              "(`ru_maxrss`; the growth column subtracts the peak before scoring, i.e. Python, "
              "imports and the parsed results). Speed-ups are official / fast from one run of "
-             "each, taken one after the other.")
-    path = write_results("eval_speed", "COCO/LVIS evaluation: fast (faster-coco-eval) vs the "
+             "each, taken one after the other. **The goals are judged on CPU time**: on a "
+             "shared machine a process also waits for a CPU, and that waiting is in its wall "
+             f"time, not in its CPU time. CPU time as a share of wall time: {shares} (the fast "
+             "evaluator computes mask IoUs on up to 2 threads, so its share can pass 100 %).")
+    return write_results("eval_speed", "COCO/LVIS evaluation: fast (faster-coco-eval) vs the "
                          "official APIs", "\n".join([intro, "", goals, "", *body]), data, info,
-                         load_before, args.out)
-    print(path.read_text())
+                         load_before, out)
+
+
+def render(saved: Path) -> Path:
+    """Rewrite the Markdown and JSON of a finished run from its saved measurements (after a
+    change to how they are summarised), keeping that run's command, machine and load."""
+    data = json.loads(saved.read_text())
+    sys.argv = [sys.argv[0], *data["command"].split()[2:]]  # the run's own command line
+    return write_report({"sizes": data["sizes"], "runs": data["runs"]}, data["machine"],
+                        data["load_average_at_start"], saved.parent)
 
 
 if __name__ == "__main__":
