@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from . import archs
-from .errors import ConversionError, ConversionWarning
+from .errors import ConversionError, ConversionWarning, one_line
 from .pipeline import FORMATS, VerificationError, convert_checkpoint, summary_lines
 
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 def _warn(message: Warning | str, category: type[Warning], filename: str, lineno: int,
           file: object = None, line: str | None = None) -> None:
     """Our warnings as one 'warning: ...' line, not Python's two-line format with source."""
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {one_line(str(message))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

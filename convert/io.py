@@ -4,10 +4,12 @@ Reading uses ``torch.load(weights_only=True)``: a checkpoint is data, and loadin
 run code from the file. The few plain-data types common self-supervised checkpoints pickle
 besides tensors are allowed explicitly (``SAFE_GLOBALS``); a file that pickles anything else
 is refused with the type named; ``unsafe=True`` (``--unsafe-load``) falls back to a full
-unpickle for files the user trusts, with a warning.
+unpickle for files the user trusts, with a warning. A file that is not a checkpoint at all is
+named by kind (``sniff``); only regular files are read (a FIFO would block for ever).
 
 Writing goes to a temporary file in the output's directory, then ``os.replace``: a reader
-never sees half a file, and a failed conversion leaves nothing behind.
+never sees half a file, and a failed conversion leaves nothing behind. An output is only ever
+a new or a regular file, and never the input itself (``check_writable``).
 """
 
 from __future__ import annotations
@@ -15,19 +17,19 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import stat
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from iopath.common.file_io import HTTPURLHandler, PathManager
 
+from . import sniff
 from .errors import ConversionError, ConversionWarning
 
-_ZIP_MAGIC = b"PK\x03\x04"
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # torch.save before 1.6: pickle protocol 2 + magic number
 _UNSUPPORTED_GLOBAL = re.compile(
     r"(?:Unsupported global: GLOBAL |unsupported GLOBAL |but got <class ')([\w.]+)")
 
@@ -48,17 +50,16 @@ def is_url(path: str) -> bool:
 def load_checkpoint(path: str, unsafe: bool = False) -> Any:
     """The object ``torch.save`` wrote to ``path``, with every tensor on the CPU."""
     if not is_url(path):
-        local = Path(path)
-        if not local.exists():
-            raise ConversionError(path, "no such file")
-        if local.is_dir():
-            raise ConversionError(path, "is a directory, not a checkpoint file")
+        _check_input_file(Path(path))
     try:
         with PATHS.open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(sniff.HEAD_BYTES)
             f.seek(0)
-            if head != _ZIP_MAGIC and head != _LEGACY_MAGIC:
-                raise ConversionError(path, _not_a_checkpoint(head))
+            if not sniff.is_checkpoint_head(head):
+                raise ConversionError(path, sniff.non_checkpoint_kind(head))
+            kind = sniff.zip_kind(f) if head.startswith(sniff.ZIP_MAGIC) else None
+            if kind is not None:
+                raise ConversionError(path, kind)
             return _torch_load(f, path, unsafe)
     except ConversionError:
         raise
@@ -68,11 +69,30 @@ def load_checkpoint(path: str, unsafe: bool = False) -> Any:
         raise ConversionError(path, f"cannot read: {e}") from None
 
 
-def _not_a_checkpoint(head: bytes) -> str:
-    if head[:1] == b"\x80":
-        return ("not a PyTorch checkpoint: a plain Python pickle (a Detectron2 .pkl is an "
-                "output of m2t-convert, not an input)")
-    return "not a PyTorch checkpoint (expected a file written by torch.save)"
+def _check_input_file(path: Path) -> None:
+    """Refuse a local input that is missing or not a regular file (a FIFO would hang)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ConversionError(path, "is a symbolic link to a missing file") from None
+        raise ConversionError(path, "no such file") from None
+    except OSError as e:
+        raise ConversionError(path, f"cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise ConversionError(path, "is a directory, not a checkpoint file")
+    if not stat.S_ISREG(mode):
+        raise ConversionError(path, f"is {file_kind(mode)}, not a checkpoint file")
+
+
+def file_kind(mode: int) -> str:
+    """'a FIFO (named pipe)', 'a character device', ...: what a non-regular file is."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _torch_load(f: IO[bytes], path: str, unsafe: bool) -> Any:
@@ -100,45 +120,117 @@ def _torch_load(f: IO[bytes], path: str, unsafe: bool) -> Any:
         raise ConversionError(path, f"not a readable PyTorch checkpoint ({first})") from None
 
 
-def check_writable(path: Path, force: bool) -> None:
-    """Refuse an output that exists (without ``force``) or cannot be written, before any work."""
-    if path.is_dir():
-        raise ConversionError(path, "is a directory; give a file name ending in .pkl or .pth")
-    if path.exists() and not force:
-        raise ConversionError(path, "exists; pass --force to overwrite it")
+def check_writable(path: Path, force: bool, source: str | None = None) -> None:
+    """Refuse, before any work, an output that exists (without ``force``), is not a regular
+    file (a directory, a device such as /dev/null, a FIFO, or a link to one), is the input
+    ``source`` itself (by any path or link), or cannot be written."""
+    try:
+        mode: int | None = path.stat().st_mode  # follows links: what a write would hit
+    except FileNotFoundError:
+        mode = None
+        if path.is_symlink():
+            raise ConversionError(path, "is a symbolic link to a missing file; remove the link "
+                                        "or choose another output file") from None
+    except OSError as e:
+        raise ConversionError(path, f"cannot write: {e.strerror or e}") from None
+    if mode is not None:
+        if stat.S_ISDIR(mode):
+            raise ConversionError(path, "is a directory; give a file name ending in .pkl or "
+                                        ".pth")
+        if not stat.S_ISREG(mode):
+            raise ConversionError(path, f"is {file_kind(mode)}, not a regular file; "
+                                        f"m2t-convert never writes over one: choose another "
+                                        f"output file")
+        if source is not None and not is_url(source) and _same_file(source, path):
+            alias = "" if str(path) == source else f" ({source})"
+            raise ConversionError(path, f"is the input checkpoint{alias} itself; writing there "
+                                        f"would replace the checkpoint with its bare backbone: "
+                                        f"choose another output file")
+        if not force:
+            raise ConversionError(path, "exists; pass --force to overwrite it")
     parent = path.parent
     if not parent.is_dir():
         raise ConversionError(path, f"cannot write: {parent} is not a directory")
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None],
-                 check: Callable[[Path], None] | None = None) -> None:
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (through links, hard links or relative paths)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+Writer = Callable[[IO[bytes]], None]
+
+
+def write_atomic(path: Path, write: Writer, check: Callable[[Path], None] | None = None) -> None:
     """Let ``write`` fill a temporary file next to ``path``, then rename it to ``path``.
 
     ``check``, if given, runs on the complete temporary file (which keeps the output's suffix,
     so readers that dispatch on it work) before it takes the final name; if it raises, no
     output appears.
     """
+    write_all_atomic([(path, write)], check)
+
+
+def write_all_atomic(files: Sequence[tuple[Path, Writer]],
+                     check: Callable[[Path], None] | None = None) -> None:
+    """``write_atomic`` for files that belong together (a .pkl and its .yaml): each is written
+    and fsynced as a temporary file beside its name, ``check`` runs on the first, and only
+    then are all renamed; on any failure every temporary is removed and no output changes."""
+    staged: list[tuple[Path, str]] = []
+    current = files[0][0]
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
-                                   suffix=f".tmp{path.suffix}")
+        for current, write in files:
+            staged.append((current, _write_temporary(current, write)))
+        if check is not None:
+            current = staged[0][0]
+            check(Path(staged[0][1]))
+        for current, tmp in staged:
+            os.replace(tmp, current)
+        for folder in {p.parent for p, _ in staged}:
+            _fsync_folder(folder)
     except OSError as e:
-        raise ConversionError(path, f"cannot write: {e.strerror or e}") from None
+        _remove(staged)
+        raise ConversionError(current, f"cannot write: {e.strerror or e}") from None
+    except BaseException:
+        _remove(staged)
+        raise
+
+
+def _write_temporary(path: Path, write: Writer) -> str:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
+                               suffix=f".tmp{path.suffix}")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise ConversionError(path, f"cannot write: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def _remove(staged: Sequence[tuple[Path, str]]) -> None:
+    for _, tmp in staged:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames durable (best effort: not every file system can fsync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

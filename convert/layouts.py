@@ -120,15 +120,58 @@ class Selection:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # extras removed
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    if isinstance(obj, torch.Tensor):
-        out[prefix[:-1]] = obj
-    elif isinstance(obj, torch.nn.Module):  # a whole pickled model (only with --unsafe-load)
-        _flatten(obj.state_dict(), prefix, out)
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
+#: Bounds on what flattening a loaded object may walk: real checkpoints nest a few levels and
+#: hold thousands of entries, while a few kilobytes of pickle can nest a dict a million deep
+#: or, by sharing one dict many times over, name more entries than memory holds.
+MAX_DEPTH = 64
+MAX_ENTRIES = 1_000_000
+MAX_KEY_LENGTH = 1000
+
+
+def _flatten(obj: Any) -> dict[str, torch.Tensor]:
+    """Every tensor in ``obj``'s nested string-keyed mappings, under its dotted key.
+
+    ValueError (a user-facing sentence) for an object no checkpoint looks like: nested deeper
+    than ``MAX_DEPTH``, more than ``MAX_ENTRIES`` entries, or two entries with one dotted key.
+    """
+    out: dict[str, torch.Tensor] = {}
+    entries = 0
+    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    while stack:
+        node, prefix, depth = stack.pop()
+        if isinstance(node, torch.Tensor):
+            key = prefix[:-1]
+            if key in out:
+                raise ValueError(f"two entries flatten to the same key '{_short(key)}' "
+                                 f"(e.g. 'a.b' and 'a' → 'b'): not a checkpoint this tool can "
+                                 f"read unambiguously")
+            out[key] = node
+            continue
+        if isinstance(node, torch.nn.Module):  # a whole pickled model (only with --unsafe-load)
+            node = node.state_dict()
+        if not isinstance(node, Mapping):
+            continue
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"nests containers more than {MAX_DEPTH} levels deep (or refers "
+                             f"to itself): not a model checkpoint")
+        entries += len(node)
+        if entries > MAX_ENTRIES:
+            raise ValueError(f"holds more than {MAX_ENTRIES:,} entries (counting each shared "
+                             f"one every time it is reached): not a model checkpoint")
+        children = []
+        for key, value in node.items():
             if isinstance(key, str):  # optimizer states are keyed by int: not weights
-                _flatten(value, f"{prefix}{key}.", out)
+                child = f"{prefix}{key}."
+                if len(child) > MAX_KEY_LENGTH:
+                    raise ValueError(f"has a key longer than {MAX_KEY_LENGTH} characters "
+                                     f"('{_short(child)}'): not a model checkpoint")
+                children.append((value, child, depth + 1))
+        stack.extend(reversed(children))  # depth first, in the file's order
+    return out
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _strip_wrappers(key: str, seen: set[str]) -> str:
@@ -142,12 +185,17 @@ def _strip_wrappers(key: str, seen: set[str]) -> str:
 
 
 def scan(obj: Any) -> Contents:
-    """Find every ResNet backbone in a loaded checkpoint object."""
-    flat: dict[str, torch.Tensor] = {}
-    _flatten(obj, "", flat)
+    """Find every ResNet backbone in a loaded checkpoint object.
+
+    Backbones are told apart by their prefix as written in the file: ``module.encoder_q.``
+    and ``encoder_q.`` (or ``state_dict.`` and ``model.``) are two backbones even though they
+    strip to one prefix, so that neither is silently mixed into the other. ValueError (a
+    sentence) for objects no checkpoint looks like (see ``_flatten``).
+    """
+    flat = _flatten(obj)
     seen: set[str] = set()
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    found_as: dict[str, str] = {}
+    groups: dict[str, dict[str, torch.Tensor]] = {}   # prefix in the file -> tensors
+    canonical_of: dict[str, str] = {}                 # prefix in the file -> stripped prefix
     canonical_keys: list[str] = []
     for key, tensor in flat.items():
         canonical = _strip_wrappers(key, seen)
@@ -156,10 +204,11 @@ def scan(obj: Any) -> Contents:
         if split is None:
             continue
         prefix, name = split
-        groups.setdefault(prefix, {})[name] = tensor
-        if prefix not in found_as:
-            found_as[prefix] = key[: len(key) - len(name)]
-    backbones = [Backbone(prefix, found_as[prefix], tensors) for prefix, tensors in groups.items()
+        found_as = key[: len(key) - len(name)]
+        groups.setdefault(found_as, {})[name] = tensor
+        canonical_of[found_as] = prefix
+    backbones = [Backbone(canonical_of[found_as], found_as, tensors)
+                 for found_as, tensors in groups.items()
                  if any(k.startswith("layer1.") for k in tensors)]
     present = {b.prefix for b in backbones}
     known = {k.prefix: k for k in KNOWN_PREFIXES}
@@ -194,11 +243,11 @@ def not_exported(contents: Contents, selection: Selection) -> dict[str, int]:
     top-level entry (``encoder_k.fc``, ``teacher.projector``).
     """
     prefix = selection.backbone.prefix
-    exported = {prefix + name for name in selection.backbone.tensors}
+    exported = {selection.backbone.found_as + name for name in selection.backbone.tensors}
     head = prefix.split(".")[0]
     groups: dict[str, int] = {}
-    for key in contents.canonical:
-        if key in exported:
+    for original, key in zip(contents.keys, contents.canonical, strict=True):
+        if original in exported:
             continue
         parts = key.split(".")
         if prefix and key.startswith(prefix):
@@ -221,6 +270,26 @@ def no_resnet_message(contents: Contents) -> str:
             f"'conv1.weight', 'layer1.0.conv1.weight' under any prefix); e.g. {keys}")
 
 
+#: Key fragments of Detectron2's own models: a whole detector, or a bare Detectron2 ResNet.
+DETECTRON2_DETECTOR = ("backbone.bottom_up.", "roi_heads.", "proposal_generator.",
+                       "sem_seg_head.")
+DETECTRON2_RESNET = ("stem.conv1.", "res2.0.", "res5.0.")
+
+
+def detectron2_kind(contents_keys: list[str]) -> str | None:
+    """Why a file in Detectron2's naming needs no conversion, or None if it is not one."""
+    if any(fragment in key for key in contents_keys for fragment in DETECTRON2_DETECTOR):
+        return ("is a Detectron2 checkpoint of a whole detector (keys like "
+                "'backbone.bottom_up.res2...', 'roi_heads...', as in model_final.pth), not a "
+                "pretraining checkpoint: it needs no conversion; Detectron2 (MODEL.WEIGHTS, "
+                "m2t-transfer --weights) loads it as it is")
+    if all(any(fragment in key for key in contents_keys) for fragment in DETECTRON2_RESNET):
+        return ("holds a ResNet already in Detectron2's naming ('stem.conv1', 'res2'...'res5'), "
+                "not torchvision's: it needs no conversion; Detectron2 (MODEL.WEIGHTS, "
+                "m2t-transfer --weights) loads it as it is")
+    return None
+
+
 def other_architecture(contents_keys: list[str]) -> str | None:
     """'a Vision Transformer' etc. when the keys look like another known architecture."""
     for name, fragments in OTHER_ARCHITECTURES:
@@ -240,17 +309,19 @@ def select(contents: Contents, branch: str | None = None,
     listing = ", ".join(b.describe() for b in contents.backbones)
     if prefix is not None:
         wanted = prefix if prefix == "" or prefix.endswith(".") else prefix + "."
-        chosen = [b for b in contents.backbones if wanted in (b.prefix, b.found_as)]
-        if len(chosen) != 1:
+        chosen = ([b for b in contents.backbones if b.found_as == wanted]
+                  or [b for b in contents.backbones if b.prefix == wanted])
+        if not chosen:
             raise ValueError(f"no backbone under prefix '{wanted}'; backbones found: {listing}")
+        if len(chosen) > 1:
+            raise ValueError(f"prefix '{wanted}' is ambiguous: {_several(chosen)}")
         return _finish(chosen[0], chosen[0].branch or "single backbone")
     requested = branch or contents.meta.get("export_branch") or "teacher"
     matches = [b for b in contents.backbones if b.branch == requested]
     if len(matches) == 1:
         return _finish(matches[0], requested)
     if len(matches) > 1:
-        raise ValueError(f"the {requested} branch is ambiguous: several backbones found "
-                         f"({listing}); choose one with --prefix")
+        raise ValueError(f"the {requested} branch is ambiguous: {_several(matches)}")
     if (contents.ours and contents.meta.get("method") == "projector_only"
             and requested == "teacher"):
         students = [b for b in contents.backbones if b.branch == "student"]
@@ -258,12 +329,27 @@ def select(contents: Contents, branch: str | None = None,
             return _finish(students[0], "teacher",
                            "method projector_only: the teacher shares the student's backbone, "
                            "so the student backbone is exported")
-    if len(contents.backbones) == 1 and contents.backbones[0].branch is None:
+    unnamed = [b for b in contents.backbones if b.branch is None]
+    if len(contents.backbones) == 1 and unnamed:
         return _finish(contents.backbones[0], "single backbone")
-    others = sorted({b.branch for b in contents.backbones if b.branch and b.branch != requested})
-    hint = f"--branch {others[0]}" if len(others) == 1 else "--branch or --prefix"
+    if len(unnamed) == len(contents.backbones):
+        raise ValueError(f"holds {len(unnamed)} backbones and none is a teacher or a student: "
+                         f"{_several(unnamed)}")
+    others = [b for b in contents.backbones if b.branch and b.branch != requested]
+    other_branches = sorted({b.branch for b in others if b.branch})
+    if len(other_branches) == 1 and len(others) == 1:
+        hint = f"--branch {other_branches[0]}"
+    else:
+        hint = "--prefix " + " or --prefix ".join(f"'{b.found_as}'" for b in contents.backbones)
     raise ValueError(f"no {requested} backbone found; backbones found under prefixes {listing}; "
                      f"choose one with {hint}")
+
+
+def _several(backbones: list[Backbone]) -> str:
+    """'several backbones found (...); choose one with --prefix 'a.' or --prefix 'b.''."""
+    listing = ", ".join(b.describe() for b in backbones)
+    choices = " or ".join(f"--prefix '{b.found_as}'" for b in backbones)
+    return f"several backbones found ({listing}); choose one with {choices}"
 
 
 def _finish(backbone: Backbone, branch: str, note: str = "") -> Selection:

@@ -23,7 +23,7 @@ import torchvision
 
 from . import archs, layouts
 from .errors import ConversionError, PathArg
-from .io import check_writable, load_checkpoint, write_atomic
+from .io import check_writable, load_checkpoint, write_all_atomic
 from .naming import detectron2_config_yaml, torchvision_to_detectron2
 
 FORMATS = ("d2", "torchvision")
@@ -133,8 +133,14 @@ def read_backbone(source: str, branch: str | None = None, arch: str | None = Non
 
     Raises ``ConversionError`` saying what was expected and what was found.
     """
-    contents = layouts.scan(load_checkpoint(source, unsafe=unsafe_load))
+    try:
+        contents = layouts.scan(load_checkpoint(source, unsafe=unsafe_load))
+    except ValueError as e:
+        raise ConversionError(source, str(e)) from None
     if not contents.backbones:
+        detectron2 = layouts.detectron2_kind(contents.keys)
+        if detectron2 is not None:
+            raise ConversionError(source, detectron2)
         other = layouts.other_architecture(contents.keys)
         if other is not None:
             raise ConversionError(source, f"is not a ResNet: its tensors look like {other}; "
@@ -162,7 +168,13 @@ def read_backbone(source: str, branch: str | None = None, arch: str | None = Non
     if problems:
         raise ConversionError(source, f"backbone {selection.backbone.describe()} is not a "
                                       f"torchvision {detected}: {'; '.join(problems)}")
-    return FoundBackbone(contents, selection, detected, _backbone_state(tensors, detected))
+    state = _backbone_state(tensors, detected)
+    bad = archs.non_finite(state)  # as written: float32 (a float64 1e300 is inf there)
+    if bad is not None:
+        raise ConversionError(source, f"backbone {selection.backbone.describe()} has non-finite "
+                                      f"weights: {bad} (as float32); nothing was written: "
+                                      f"convert a checkpoint from before the training diverged")
+    return FoundBackbone(contents, selection, detected, state)
 
 
 def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = None,
@@ -190,9 +202,9 @@ def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = Non
                                       f"{', '.join(archs.RESNETS)}")
     chosen_format = output_format(out, fmt)
     sidecar = sidecar_path(out) if chosen_format == "d2" else None
-    check_writable(out, force)
+    check_writable(out, force, source)
     if sidecar is not None:
-        check_writable(sidecar, force)
+        check_writable(sidecar, force, source)
 
     found = read_backbone(source, branch=branch, arch=arch, prefix=prefix,
                           unsafe_load=unsafe_load)
@@ -234,15 +246,16 @@ def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = Non
         if not report.ok:
             raise VerificationError(out, report)
 
-    write_atomic(out, write, check=prove if verify else None)
-    config = detectron2_config_yaml(archs.depth(detected), weights=str(out.resolve()))
+    # The sidecar names the output's final path (a link given as output is replaced, not
+    # followed): resolve the folder, not the file.
+    config = detectron2_config_yaml(archs.depth(detected),
+                                    weights=str(out.parent.resolve() / out.name))
+    files = [(out, write)]
     if sidecar is not None:
         header = f"# Detectron2 settings required by {out.name} (written by m2t-convert)\n"
-        try:
-            write_atomic(sidecar, lambda f: f.write((header + config).encode()))
-        except ConversionError:
-            out.unlink(missing_ok=True)
-            raise
+        text = (header + config).encode()
+        files.append((sidecar, lambda f: f.write(text)))
+    write_all_atomic(files, check=prove if verify else None)
     return {
         "input": source,
         "output": str(out),
