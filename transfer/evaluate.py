@@ -96,18 +96,33 @@ def check_predictions(source: str, detections: Sequence[dict[str, Any]],
         raise TransferError(source, f"{len(bad_cat)} detections have category ids that are not "
                                     f"in the ground truth (first: {bad_cat[0]}); results must "
                                     f"use the dataset's own category ids")
+    sizes = {img["id"]: [img.get("height"), img.get("width")] for img in gt["images"]}
+    for i, det in enumerate(detections):
+        seg = det.get("segmentation")
+        if not isinstance(seg, dict):
+            continue
+        h, w = size = sizes[det["image_id"]]
+        if seg["size"] != size:
+            raise TransferError(source, f"detection {i} has an RLE mask of size {seg['size']}, "
+                                        f"but image {det['image_id']} is {h}×{w} (height × "
+                                        f"width); masks must be of their image's size")
+        if isinstance(seg["counts"], list) and sum(seg["counts"]) != h * w:
+            raise TransferError(source, f"detection {i} has an uncompressed RLE whose counts "
+                                        f"add up to {sum(seg['counts'])} pixels, not the "
+                                        f"{h}×{w} of image {det['image_id']}")
 
 
 def _to_rle(detections: list[dict[str, Any]], gt: dict[str, Any]) -> None:
-    """Polygon segmentations -> RLE in place (pycocotools scores results as RLE)."""
+    """Polygons and uncompressed RLE -> compressed RLE in place (the APIs score results as
+    compressed RLE)."""
     sizes = {img["id"]: (img["height"], img["width"]) for img in gt["images"]}
     for det in detections:
         seg = det.get("segmentation")
-        if isinstance(seg, list):
+        if isinstance(seg, list) or (isinstance(seg, dict) and isinstance(seg["counts"], list)):
             h, w = sizes[det["image_id"]]
-            rle = mask_util.merge(mask_util.frPyObjects(seg, h, w))
-            rle["counts"] = rle["counts"].decode("ascii")
-            det["segmentation"] = rle
+            rle = mask_util.frPyObjects(seg, h, w)
+            rle = mask_util.merge(rle) if isinstance(rle, list) else rle
+            det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
 
 
 def evaluate_predictions(
@@ -159,8 +174,14 @@ def evaluate_predictions(
     tasks = [t for t, key in (("bbox", "bbox"), ("segm", "segmentation"))
              if any(key in d for d in detections)]
     scorer = Scorer(spec.json_file, spec.kind, evaluator)
-    scores = {task: scorer.score([d for d in detections if task == "bbox" or "segmentation" in d],
-                                 task) for task in tasks}
+    try:
+        scores = {task: scorer.score([d for d in detections
+                                      if task == "bbox" or "segmentation" in d], task)
+                  for task in tasks}
+    except (ValueError, RuntimeError) as err:  # what the C++ mask decoders raise
+        reason = " ".join(str(err).split())[:200]
+        raise TransferError(source, f"a mask could not be decoded ({reason}); segmentations "
+                                    f"must be polygons or RLE of their image") from None
     metrics = {task: clean_metrics(score.metrics) for task, score in scores.items()}
     if output_dir is not None:
         write_run_results(output_dir, metrics, {

@@ -191,3 +191,44 @@ def test_eval_run_gives_the_same_results_with_either_evaluator_even_without_dete
     detections = tmp_path / "fast/none/inference/instances_train/coco_instances_results.json"
     assert json.loads(detections.read_text()) == []
     assert none["bbox"]["AP"] == 0.0 and none["segm"]["AP"] == 0.0
+
+
+@pytest.mark.parametrize("evaluator", ["fast", "official"])
+def test_masks_that_do_not_fit_their_image_are_one_line_naming_the_file(
+        capsys: pytest.CaptureFixture[str], coco_gt: Path, tmp_path: Path,
+        evaluator: str) -> None:
+    image = json.loads(coco_gt.read_text())["images"][0]
+    h, w = image["height"], image["width"]
+    base = {"image_id": image["id"], "category_id": 1, "score": 0.5, "bbox": [1, 1, 5, 5]}
+    cases = {
+        "RLE mask of size [10, 10], but image": {"size": [10, 10], "counts": "PPYo0"},
+        "uncompressed RLE whose counts add up to 8 pixels": {"size": [h, w], "counts": [5, 3]},
+        "a mask could not be decoded": {"size": [h, w], "counts": "abc!!~~~"},
+    }
+    for what, mask in cases.items():
+        if evaluator == "official" and what.startswith("a mask"):
+            continue  # pycocotools decodes any string without complaint
+        path = _write(tmp_path / "bad.json", [{**base, "segmentation": mask}])
+        code = main(["evaluate", "--dataset", str(coco_gt), "--predictions", str(path),
+                     "--evaluator", evaluator])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: {path}: ") and what in err, err
+
+
+def test_uncompressed_rle_scores_as_its_compressed_form(coco_gt: Path) -> None:
+    import numpy as np
+    import pycocotools.mask as mask_util
+
+    gt = json.loads(coco_gt.read_text())
+    compressed = noisy_detections(gt)[:300]
+    uncompressed = []
+    for det in compressed:
+        mask = mask_util.decode(det["segmentation"]).ravel(order="F")
+        changes = np.flatnonzero(np.diff(np.concatenate([[0], mask, [1 - mask[-1]]])))
+        counts = np.diff(np.concatenate([[0], changes])).tolist()
+        uncompressed.append({**det, "segmentation": {"size": det["segmentation"]["size"],
+                                                     "counts": counts}})
+    assert uncompressed[0]["segmentation"]["counts"] != compressed[0]["segmentation"]["counts"]
+    assert (evaluate_predictions(str(coco_gt), uncompressed)
+            == evaluate_predictions(str(coco_gt), compressed))
