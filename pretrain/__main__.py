@@ -75,9 +75,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_eval_args(args: argparse.Namespace) -> None:
+    """The numbers of ``knn``/``linear`` within the ranges of the config settings they mirror."""
+    from .config import Range, check_range, range_of
+    from .train import check_device
+
+    if args.image_size is not None:
+        check_range("--image-size", args.image_size, range_of("data.image_size"))
+    if args.command == "knn":
+        check_range("--k", args.k, range_of("train.knn_k"))
+        check_range("--temperature", args.temperature, range_of("train.knn_temperature"))
+    else:
+        check_range("--epochs", args.epochs, Range(low=1))
+        check_range("--lr", args.lr, Range(low=0.0, low_open=True))
+    check_device(args.device, "--device ")
+
+
+def check_train_args(args: argparse.Namespace) -> None:
+    from .config import Range, check_range
+
+    check_range("--stop-after", args.stop_after, Range(low=0, why="0: run to the end"))
+    check_range("--profile", args.profile, Range(low=0, why="0: no trace"))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate as ev
 
+    check_eval_args(args)
     rows = []
     branches = ["teacher", "student"] if args.branch == "both" else [args.branch]
     for branch in (["random"] if args.run == "random" else branches):
@@ -103,8 +127,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import Trainer, resume_config
+    from .train import Trainer, check_device, resume_config
 
+    check_train_args(args)
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"train.device={args.device}")
@@ -113,6 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(args.out, overrides)
     else:
         cfg = load_config(resolve_config_path(args.config), overrides)
+    check_device(cfg.train.device)
     trainer = Trainer(cfg, args.data, args.out, val=args.val, resume=resume,
                       stop_after=args.stop_after, profile_steps=args.profile)
     if trainer.dist.main:

@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,32 @@ def remove_partial_saves(folder: str | Path) -> list[Path]:
 _REFUSED_GLOBAL = re.compile(
     r"(?:Unsupported global: GLOBAL |unsupported GLOBAL |but got <class ')([\w.]+)")
 
+#: What to give instead of a file of another kind.
+_WANTED = "give an m2t-pretrain run directory or its last.pth / epoch_NNNN.pth"
+
+#: The pickled magic number that opens torch's legacy (non-zip) files.
+_TORCH_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
+
+
+def _plain_pickle(path: str) -> bool:
+    """Whether ``path`` is a pickle but not a torch file (Detectron2's ``.pkl`` weights)."""
+    try:
+        with PATHS.open(path, "rb") as f:
+            head = f.read(len(_TORCH_LEGACY_MAGIC))
+    except OSError:
+        return False
+    return head[:1] == b"\x80" and head != _TORCH_LEGACY_MAGIC
+
+
+def _bare_weights(obj: Any) -> bool:
+    """A state dict of tensors, possibly under ``state_dict``/``model`` (not our checkpoint)."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return (isinstance(obj, dict) and bool(obj)
+            and all(isinstance(v, torch.Tensor) for v in obj.values()))
+
+
 #: The entries of one of our checkpoints and the type each must have.
 _ENTRIES: dict[str, type | tuple[type, ...]] = {
     "config": dict, "student": dict, "teacher": dict, "optimizer": dict, "scaler": dict,
@@ -121,10 +148,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not PATHS.exists(path):
         raise UserError(f"{path}: checkpoint not found")
     try:
-        with PATHS.open(path, "rb") as f:
+        with PATHS.open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": said below
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
             AttributeError, TypeError, KeyError, IndexError, OSError) as exc:
+        if _plain_pickle(path):
+            raise UserError(f"{path}: a plain pickle (such as Detectron2 .pkl weights), not an "
+                            f"m2t-pretrain checkpoint, and not loaded; {_WANTED}") from None
         refused = _REFUSED_GLOBAL.search(str(exc))
         if refused is not None:
             raise UserError(f"{path}: the file pickles a {refused.group(1)} object; checkpoints "
@@ -135,6 +166,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                         f"file): {first[:200]}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         found = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
+        if _bare_weights(obj):
+            raise UserError(f"{path}: not a momentum2 pretraining checkpoint but bare weights "
+                            f"(a state dict such as a torchvision .pth; keys {found}); "
+                            f"{_WANTED}")
         raise UserError(f"{path}: not a momentum2 pretraining checkpoint (expected format "
                         f"{FORMAT!r}; found keys {found}); use m2t-convert for foreign checkpoints")
     version = obj.get("version")

@@ -8,6 +8,8 @@ resolved config is printed at start and saved as ``config.yaml`` in the run dire
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,54 +20,105 @@ import yaml
 
 from .errors import UserError
 
+INT64 = 2**63  # numbers torch keeps in 64 bits (seeds, sizes, step counts) stay below this
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: finite, between ``low`` and ``high``.
+
+    A bound is left out with ``None``; ``low_open``/``high_open`` exclude the bound itself.
+    ``why`` is said when a value falls outside. Integers always fit in 64 bits.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if isinstance(value, int) and not -INT64 <= value < INT64:
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{low}, {high}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        return "a finite number"
+
+
+def _number(bound: float | None) -> str:
+    return "2**63" if bound == INT64 else f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+
+def setting(default: Any, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, why: str = "") -> Any:
+    """A numeric config field with its allowed range, e.g. ``setting(20, ge=1)``."""
+    allowed = Range(low=gt if gt is not None else ge, high=lt if lt is not None else le,
+                    low_open=gt is not None, high_open=lt is not None, why=why)
+    return field(default=default, metadata={"range": allowed})
+
 
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"               # torchvision ResNet: resnet18/34/50/101/152
     method: str = "m2t"                  # see pretrain.methods.METHODS
-    proj_hidden_dim: int = 4096
-    proj_dim: int = 256
-    base_momentum: float | None = None  # teacher EMA m0; None → the method's default
+    proj_hidden_dim: int = setting(4096, ge=1, le=65536)
+    proj_dim: int = setting(256, ge=1, le=65536)
+    # teacher EMA m0; None → the method's default
+    base_momentum: float | None = setting(None, ge=0.0, lt=1.0, why="1 would freeze the teacher")
     double_variance_correction: bool = False  # the authors' extra n/(n-1) on the variance
     residual: bool = False               # residual-momentum add-on (SPEC §1.5)
-    residual_weight: float = 1.0         # its weight λ
+    residual_weight: float = setting(1.0, ge=0.0)  # its weight λ
     sync_bn: bool = False                # SyncBN in student and teacher (byol only)
 
 
 @dataclass
 class DataConfig:
-    batch_size: int = 128                # per process
-    image_size: int = 224
-    workers: int = 8
-    max_bad_fraction: float = 0.01       # abort when more images than this fail to decode
-    min_scale: float = 0.08              # RandomResizedCrop lower bound
+    batch_size: int = setting(128, ge=2, why="BatchNorm needs a batch")  # per process
+    image_size: int = setting(224, ge=16, le=8192)
+    workers: int = setting(8, ge=0, le=256)  # loader processes per training process
+    max_bad_fraction: float = setting(0.01, ge=0.0, le=1.0)  # abort when more images fail
+    min_scale: float = setting(0.08, gt=0.0, le=1.0)  # RandomResizedCrop lower bound
 
 
 @dataclass
 class OptimConfig:
     name: str = "sgd"                    # sgd | lars
-    base_lr: float = 0.05                # per 256 images: lr = base_lr × total batch / 256
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 10.0
-    lars_trust_coefficient: float = 1e-3
+    base_lr: float = setting(0.05, gt=0.0)  # per 256 images: lr = base_lr × total batch / 256
+    momentum: float = setting(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = setting(1e-4, ge=0.0)
+    warmup_epochs: float = setting(10.0, ge=0.0)
+    lars_trust_coefficient: float = setting(1e-3, gt=0.0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    steps: int = 0                       # > 0: stop after this many steps (overrides epochs)
-    seed: int = 0
+    epochs: int = setting(100, ge=0)
+    steps: int = setting(0, ge=0)        # > 0: stop after this many steps (overrides epochs)
+    seed: int = setting(0, ge=0, lt=INT64)
     device: str = "auto"                 # auto | cpu | cuda
     amp: str = "none"                    # none | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
-    log_every: int = 20                  # steps between progress lines / metric records
-    save_every_epochs: int = 10          # epoch checkpoints (last.pth is written every epoch)
-    save_every_steps: int = 0            # > 0: also refresh last.pth every N steps
-    knn_every_epochs: int = 10           # kNN monitor cadence when --val is given
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    log_every: int = setting(20, ge=1)   # steps between progress lines / metric records
+    save_every_epochs: int = setting(10, ge=1, why="epoch_NNNN.pth every N epochs; set it "
+                                                   "above train.epochs to keep only the last")
+    save_every_steps: int = setting(0, ge=0)  # > 0: also refresh last.pth every N steps
+    knn_every_epochs: int = setting(10, ge=1)  # kNN monitor cadence when --val is given
+    knn_k: int = setting(20, ge=1)
+    knn_temperature: float = setting(0.07, gt=0.0)
     export_branch: str = "teacher"       # which weights m2t-convert takes by default
     nonfinite: str = "stop"              # on a NaN/inf loss: stop | skip (the step, counted)
 
@@ -95,8 +148,35 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` cut to a few dozen characters: YAML aliases can expand a value enormously."""
+    return _SHORT.repr(value)
+
+
 def _valid_keys(section: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(section)]
+
+
+def range_of(key: str) -> Range | None:
+    """The allowed range of the numeric setting ``key`` (``"train.knn_k"``), if it has one."""
+    section, name = key.split(".")
+    for f in dataclasses.fields(getattr(Config(), section)):
+        if f.name == name:
+            return f.metadata.get("range")
+    raise KeyError(key)
+
+
+def check_range(what: str, value: Any, allowed: Range | None) -> None:
+    """Refuse ``value`` outside ``allowed``: ``WHAT must be >= 1, got 0 (why)``."""
+    if allowed is None or value is None or value in allowed:
+        return
+    why = f" ({allowed.why})" if allowed.why else ""
+    finite = "finite and " if isinstance(value, float) and not math.isfinite(value) else ""
+    raise UserError(f"{what} must be {finite}{allowed}, got {short_repr(value)}{why}")
 
 
 def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
@@ -125,7 +205,7 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
         if isinstance(value, str):
             return value
     raise UserError(f"{source}: {key} must be {getattr(hint, '__name__', hint)}, "
-                    f"got {value!r}")
+                    f"got {short_repr(value)}")
 
 
 def _apply(cfg: Config, key: str, value: Any, source: str) -> None:
@@ -142,7 +222,9 @@ def _apply(cfg: Config, key: str, value: Any, source: str) -> None:
                         f"{', '.join(_valid_keys(section))}")
     value = _coerce(key, value, hints[parts[1]], source)
     if key in CHOICES and value not in CHOICES[key]:
-        raise UserError(f"{source}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        raise UserError(f"{source}: {key} must be one of {', '.join(CHOICES[key])}, "
+                        f"got {short_repr(value)}")
+    check_range(f"{source}: {key}", value, range_of(key))
     setattr(section, parts[1], value)
 
 
@@ -150,7 +232,7 @@ def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for name, sub in data.items():
         if not isinstance(sub, dict):
-            raise UserError(f"{source}: top-level key {name!r} must be a mapping of settings "
+            raise UserError(f"{source}: top-level key {short_repr(name)} must be a mapping of settings "
                             f"(sections: model, data, optim, train)")
         for key, value in sub.items():
             flat[f"{name}.{key}"] = value
@@ -203,17 +285,6 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
 
 
 def _validate(cfg: Config) -> None:
-    checks = [
-        (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (BatchNorm needs a batch)"),
-        (cfg.data.image_size >= 16, "data.image_size must be >= 16"),
-        (cfg.data.workers >= 0, "data.workers must be >= 0"),
-        (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
-        (cfg.train.epochs >= 1 or cfg.train.steps >= 1, "train.epochs or train.steps must be >= 1"),
-        (cfg.optim.base_lr > 0, "optim.base_lr must be > 0"),
-        (cfg.model.base_momentum is None or 0.0 <= cfg.model.base_momentum <= 1.0,
-         "model.base_momentum must be in [0, 1]"),
-        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(f"config: {message}")
+    """What no single setting's range says (each value was checked as it was set)."""
+    if cfg.train.epochs < 1 and cfg.train.steps < 1:
+        raise UserError("config: train.epochs or train.steps must be >= 1")

@@ -2,16 +2,21 @@
 
 Augmentation randomness is a pure function of (seed, epoch, index): each sample seeds the
 RNGs it uses, so the views of a sample do not depend on the worker count or on where a run
-was resumed. Undecodable images are skipped and counted, never fatal on their own.
+was resumed. Undecodable images are skipped and counted by path, never fatal on their own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import os
 import random
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torchvision
@@ -20,41 +25,155 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from .errors import UserError
 
 
+class Unreadable(NamedTuple):
+    """What a dataset yields for an image it cannot decode: the file and why."""
+
+    path: str
+    reason: str
+
+    @classmethod
+    def of(cls, path: str, exc: Exception) -> Unreadable:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first.replace(repr(path), "").replace(path, "").strip(" :'\"")
+        return cls(path, (reason or type(exc).__name__)[:100])
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.reason})"
+
+
+def describe_unreadable(bad: list[Unreadable], most: int = 3) -> str:
+    """``a.jpg (reason), b.png (reason) and 4 more``."""
+    named = ", ".join(map(str, bad[:most]))
+    return named + (f" and {len(bad) - most} more" if len(bad) > most else "")
+
+
+class Loader(DataLoader):
+    """``DataLoader`` that leaves the worker count to the config: the Trainer says once, in its
+    own words, when ``data.workers`` exceeds the CPUs (torch would warn at every epoch)."""
+
+    def check_worker_number_rationality(self) -> None:
+        pass
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as torch's DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class LabelledImages(torchvision.datasets.ImageFolder):
-    """``ImageFolder`` whose unreadable images come back as ``None`` (see ``collate_labelled``)."""
+    """``ImageFolder`` whose unreadable images come back as :class:`Unreadable`.
 
-    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+    Folders reached twice through symbolic links (a link to the class folder inside itself
+    loops until the path is too long, listing every image again at each level) are listed
+    once: ``repeated`` counts the images dropped, ``repeated_at`` names a folder they were in.
+    """
+
+    def __init__(self, root: str, transform: Callable | None = None) -> None:
+        super().__init__(root, transform=transform)
+        self.samples, self.repeated, self.repeated_at = drop_repeated_folders(self.samples)
+        self.imgs = self.samples
+        self.targets = [target for _, target in self.samples]
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | Unreadable:
         try:
-            return super().__getitem__(index)
-        except Exception:  # noqa: BLE001 - any decoding failure counts as a bad image
-            return None
+            with quiet_decoding():
+                return super().__getitem__(index)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure counts as a bad image
+            return Unreadable.of(self.samples[index][0], exc)
 
 
-def collate_labelled(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the readable ``(image, label)`` samples of a batch; drop the unreadable ones."""
-    good = [b for b in batch if b is not None]
+@contextlib.contextmanager
+def quiet_decoding() -> Iterator[None]:
+    """Silence PIL's remarks on files it reads all the same (palette transparency, odd EXIF,
+    very large images): on a real dataset they would flood the terminal from every worker."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def drop_repeated_folders(samples: list[tuple[str, int]]
+                          ) -> tuple[list[tuple[str, int]], int, str | None]:
+    """``samples`` without those reached again through another path to the same real folder.
+
+    Returns the samples kept, how many were dropped and one folder they were listed in.
+    Only folders are resolved (a few thousand ``realpath`` calls for ImageNet, not a million).
+    """
+    real: dict[str, str] = {}
+    owner: dict[tuple[str, int], str] = {}
+    kept, repeated_at = [], None
+    for path, target in samples:
+        folder = os.path.dirname(path)
+        if folder not in real:
+            real[folder] = os.path.realpath(folder)
+        if owner.setdefault((real[folder], target), folder) == folder:
+            kept.append((path, target))
+        elif repeated_at is None:
+            repeated_at = folder
+    return kept, len(samples) - len(kept), repeated_at
+
+
+def collate_labelled(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[Unreadable]]:
+    """Stack the readable ``(image, label)`` samples of a batch; list the unreadable ones."""
+    bad = [b for b in batch if isinstance(b, Unreadable)]
+    good = [b for b in batch if not isinstance(b, Unreadable)]
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return default_collate(good)
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    images, labels = default_collate(good)
+    return images, labels, bad
 
 
-def image_folder(root: str | Path, transform: Callable | None = None) -> LabelledImages:
+def image_folder(root: str | Path, transform: Callable | None = None,
+                 option: str = "data folder") -> LabelledImages:
     """``torchvision.datasets.ImageFolder`` with a one-line error for a missing or empty folder.
 
-    Unreadable images yield ``None``; load batches with ``collate_fn=collate_labelled``.
+    Unreadable images yield :class:`Unreadable`; load batches with ``collate_labelled``.
+    Images listed again through symbolic links are dropped with a warning.
     """
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"{root}: data folder not found")
+        what = "is not a folder" if root.exists() else "not found"
+        raise UserError(f"{root}: {option} {what}")
     try:
-        return LabelledImages(str(root), transform=transform)
+        folder = LabelledImages(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserError(f"{root}: no images found in ImageFolder layout (<root>/<class>/<image>): "
                         f"{str(exc).splitlines()[0]}") from None
+    except OSError as exc:  # a symbolic link loop too deep to list, a folder gone meanwhile
+        raise UserError(f"{root}: cannot list the images ({exc.strerror or exc})") from None
+    if folder.repeated:
+        print(f"warning: {root}: {folder.repeated} image(s) reached a second time through "
+              f"symbolic links (a link loop or a second link to a folder, e.g. at "
+              f"{folder.repeated_at}) are used once", file=sys.stderr, flush=True)
+    return folder
+
+
+def check_same_classes(train: list[str], val: list[str], train_dir: str | Path,
+                       val_dir: str | Path) -> None:
+    """The labels of a kNN or linear evaluation are class-folder indices: both sides must agree."""
+    if train != val:
+        def some(names: set[str]) -> str:
+            return ", ".join(sorted(names)[:3]) + (" ..." if len(names) > 3 else "")
+
+        extra, missing = set(val) - set(train), set(train) - set(val)
+        says = [f"not in the other: {some(extra)}"] if extra else []
+        says += [f"missing: {some(missing)}"] if missing else []
+        raise UserError(f"{val_dir}: class folders differ from those of {train_dir} "
+                        f"({'; '.join(says)}); the labels would not match")
+
+
+def with_transform(folder: LabelledImages, transform: Callable) -> LabelledImages:
+    """The same images (no second scan of the folder) with another transform."""
+    other = copy.copy(folder)
+    other.transform = transform
+    other.transforms = torchvision.datasets.vision.StandardTransform(transform, None)
+    return other
 
 
 class TwoViewDataset(Dataset):
-    """Yields ``(view1, view2)`` of an image, or ``None`` when the image cannot be read."""
+    """Yields ``(view1, view2)`` of an image, or :class:`Unreadable` when it cannot be read."""
 
     def __init__(self, root: str | Path, transform: Callable, seed: int = 0) -> None:
         self.folder = image_folder(root)
@@ -68,22 +187,23 @@ class TwoViewDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | Unreadable:
         path, _ = self.folder.samples[index]
         try:
-            img = self.folder.loader(path)
-        except Exception:  # noqa: BLE001 - any decoding failure counts as a bad image
-            return None
+            with quiet_decoding():
+                img = self.folder.loader(path)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure counts as a bad image
+            return Unreadable.of(path, exc)
         sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
         random.seed(sample_seed)
         torch.manual_seed(sample_seed % (2**63))
         return self.transform(img)
 
 
-def collate_views(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack the good samples; report how many were dropped."""
-    good = [b for b in batch if b is not None]
-    bad = len(batch) - len(good)
+def collate_views(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[Unreadable]]:
+    """Stack the good samples; list the unreadable ones."""
+    bad = [b for b in batch if isinstance(b, Unreadable)]
+    good = [b for b in batch if not isinstance(b, Unreadable)]
     if not good:
         return torch.empty(0), torch.empty(0), bad
     v1 = torch.stack([g[0] for g in good])
@@ -115,9 +235,9 @@ def build_loader(dataset: TwoViewDataset, batch_size: int, workers: int, rank: i
     sampler.set_epoch(epoch)
     sampler.start_index = start_batch * batch_size
     dataset.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_views, drop_last=True, pin_memory=pin_memory,
-                      persistent_workers=False)
+    return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                  collate_fn=collate_views, drop_last=True, pin_memory=pin_memory,
+                  persistent_workers=False)
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:

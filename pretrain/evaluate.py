@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from .augment import eval_transform
 from .checkpoint import load_checkpoint
 from .config import config_from_dict
-from .data import collate_labelled, image_folder
+from .data import Loader, check_same_classes, collate_labelled, image_folder
 from .errors import UserError
 from .knn import extract_features, knn_accuracy
 from .methods import build_method
@@ -60,14 +59,13 @@ def random_backbone(arch: str, seed: int = 0) -> nn.Module:
 def labelled_features(backbone: nn.Module, train_dir: str, val_dir: str, image_size: int,
                       device: torch.device, workers: int = 2) -> tuple[torch.Tensor, ...]:
     t = eval_transform(image_size)
-    train, val = image_folder(train_dir, t), image_folder(val_dir, t)
-    if train.classes != val.classes:
-        raise UserError(f"{val_dir}: class folders differ from those of {train_dir}")
+    train, val = image_folder(train_dir, t, "--train"), image_folder(val_dir, t, "--val")
+    check_same_classes(train.classes, val.classes, train_dir, val_dir)
     backbone = backbone.to(device)
-    tf, tl = extract_features(backbone, DataLoader(train, batch_size=256, num_workers=workers,
-                                                   collate_fn=collate_labelled), device)
-    vf, vl = extract_features(backbone, DataLoader(val, batch_size=256, num_workers=workers,
-                                                   collate_fn=collate_labelled), device)
+    tf, tl = extract_features(backbone, Loader(train, batch_size=256, num_workers=workers,
+                                               collate_fn=collate_labelled), device)
+    vf, vl = extract_features(backbone, Loader(val, batch_size=256, num_workers=workers,
+                                               collate_fn=collate_labelled), device)
     return tf, tl, vf, vl, torch.tensor(len(train.classes))
 
 

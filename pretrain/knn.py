@@ -2,34 +2,41 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .data import describe_unreadable
 from .errors import UserError
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader: DataLoader,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device,
+                     report: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised pooled features and labels of every image in ``loader`` (eval mode).
 
-    Empty batches (every image of it unreadable, see ``pretrain.data.collate_labelled``) are
-    skipped; a loader with no readable image at all is an error.
+    Batches come from ``pretrain.data.collate_labelled``: unreadable images are skipped and,
+    when ``report``, named in one warning line; a loader with no readable image is an error.
     """
     was_training = backbone.training
     backbone.eval()
-    feats, labels = [], []
-    for images, targets in loader:
+    feats, labels, bad = [], [], []
+    for images, targets, unreadable in loader:
+        bad += unreadable
         if len(images) == 0:
             continue
         feats.append(F.normalize(backbone(images.to(device)).float(), dim=1).cpu())
         labels.append(targets)
     backbone.train(was_training)
+    root = getattr(loader.dataset, "root", "the data folder")
     if not feats:
-        root = getattr(loader.dataset, "root", "the data folder")
         raise UserError(f"{root}: none of its images could be read")
+    if bad and report:
+        print(f"warning: {root}: skipped {len(bad)} unreadable image(s): "
+              f"{describe_unreadable(bad)}", file=sys.stderr, flush=True)
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -22,18 +22,25 @@ from .augment import TwoViews, eval_transform
 from .checkpoint import FORMAT, VERSION, load_checkpoint, remove_partial_saves, save_atomic
 from .config import Config, apply_overrides, config_from_dict
 from .data import (
+    Loader,
     TwoViewDataset,
+    Unreadable,
+    available_cpus,
     build_loader,
+    check_same_classes,
     collate_labelled,
+    describe_unreadable,
     image_folder,
     steps_per_epoch,
     total_steps_for,
+    with_transform,
 )
 from .errors import UserError
 from .knn import extract_features, knn_accuracy
 from .lars import LARS, split_bn_and_bias
 from .methods import StudentTeacher, build_method
 from .momentum_bn import bn_alpha, momentum_bn_modules
+from .rundir import CONFIG, METRICS, check_fresh, check_out, trim_metrics, write_atomic
 from .schedules import scaled_lr, warmup_cosine_lr
 
 
@@ -74,12 +81,37 @@ def init_distributed(device_kind: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def check_device(name: str, option: str = "train.device=") -> None:
+    """Refuse, in one line and before anything starts, a device this machine does not have.
+
+    ``option`` is how the user gave it (``"train.device="``, ``"--device "``).
+    """
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"{option}{name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise UserError(f"{option}{name}: only cpu and cuda devices are supported")
+    if not torch.cuda.is_available():
+        raise UserError(f"{option}{name} but no CUDA device is available; use cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{option}{name} but this machine has {torch.cuda.device_count()} "
+                        f"CUDA device(s)")
+
+
 def resolve_device(name: str, d: Dist) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("train.device=cuda but no CUDA device is available")
+        check_device(name)
+        if d.local_rank >= torch.cuda.device_count():
+            raise UserError(f"process LOCAL_RANK={d.local_rank} but this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s): start at most that "
+                            f"many processes per node (--nproc_per_node)")
         torch.cuda.set_device(d.local_rank)
         return torch.device("cuda", d.local_rank)
     return torch.device("cpu")
@@ -97,16 +129,26 @@ def build_optimizer(cfg: Config, student: nn.Module, lr: float) -> torch.optim.O
 
 
 class RunLog:
-    """metrics.jsonl + TensorBoard events + progress lines, written by rank 0 only."""
+    """metrics.jsonl + TensorBoard events + progress lines, written by rank 0 only.
 
-    def __init__(self, out: Path, enabled: bool) -> None:
+    A run that starts at ``step`` (resumed, or restarted before its first checkpoint) first
+    drops what an earlier attempt logged after that step: it logs those steps again.
+    """
+
+    def __init__(self, out: Path, enabled: bool, step: int = 0) -> None:
         self.enabled = enabled
         self.tb = None
         if enabled:
-            self.metrics = open(out / "metrics.jsonl", "a", buffering=1)
+            dropped = trim_metrics(out / METRICS, step)
+            if dropped:
+                print(f"{out / METRICS}: dropped {dropped} record(s) logged after step {step} "
+                      f"by the attempt that stopped; this run logs those steps again",
+                      flush=True)
+            self.metrics = open(out / METRICS, "a", buffering=1)
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out / "tb"))
+                again = (out / "tb").exists()  # hide the events of the steps logged again
+                self.tb = SummaryWriter(str(out / "tb"), purge_step=step + 1 if again else None)
             except ImportError:  # tensorboard is optional
                 self.tb = None
 
@@ -144,6 +186,7 @@ class Trainer:
         self.data, self.val = data, val
         self.stop_after = stop_after
         self.profile_steps = profile_steps
+        check_out(self.out, data, val)
         ckpt = None
         last = self.out / "last.pth"
         if resume:
@@ -154,10 +197,10 @@ class Trainer:
             if saved.model != cfg.model:
                 raise UserError(f"{last}: the model settings differ from the checkpoint's; "
                                 f"resume with the saved config (see {self.out / 'config.yaml'})")
-        elif last.exists():
-            raise UserError(f"{self.out}: run directory already holds last.pth; pass --resume to "
-                            f"continue it or choose another --out")
+        else:
+            check_fresh(self.out, cfg.dump())
         self.cfg = cfg
+        check_device(cfg.train.device)
         self.dist = init_distributed("cuda" if cfg.train.device == "cuda" or (
             cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.device = resolve_device(cfg.train.device, self.dist)
@@ -171,6 +214,7 @@ class Trainer:
         if self.per_epoch < 1:
             raise UserError(f"{data}: {len(self.dataset)} images are fewer than one batch of "
                             f"{cfg.data.batch_size} per process × {self.dist.world_size} processes")
+        self.knn_sets = self._knn_sets() if val is not None else None  # --val checked now
         self.total_steps, self.epochs = total_steps_for(cfg.train.epochs, cfg.train.steps,
                                                         self.per_epoch)
         self.total_batch = cfg.data.batch_size * self.dist.world_size
@@ -262,23 +306,28 @@ class Trainer:
             save_atomic(state, self.out / f"epoch_{epoch:04d}.pth")
 
     # ----- monitoring -------------------------------------------------------------------
-    def knn(self) -> dict[str, float]:
-        if self.val is None:
-            return {}
+    def _knn_sets(self) -> tuple[Any, Any]:
+        """The kNN monitor's memory bank (the training images) and ``--val``, checked."""
         t = eval_transform(self.cfg.data.image_size)
-        train_set, val_set = image_folder(self.data, t), image_folder(self.val, t)
-        if train_set.classes != val_set.classes:
-            raise UserError(f"{self.val}: class folders differ from {self.data}")
+        val_set = image_folder(self.val, t, "--val folder")
+        check_same_classes(self.dataset.folder.classes, val_set.classes, self.data, self.val)
+        return with_transform(self.dataset.folder, t), val_set
+
+    def knn(self) -> dict[str, float]:
+        if self.knn_sets is None:
+            return {}
+        train_set, val_set = self.knn_sets
 
         def loader(ds):
-            return torch.utils.data.DataLoader(ds, batch_size=256, num_workers=self.cfg.data.workers,
-                                               collate_fn=collate_labelled)
+            return Loader(ds, batch_size=256, num_workers=self.cfg.data.workers,
+                          collate_fn=collate_labelled)
 
         result = {}
         for branch in ("teacher", "student"):
             backbone = self.model.export_backbone(branch)
-            tf, tl = extract_features(backbone, loader(train_set), self.device)
-            vf, vl = extract_features(backbone, loader(val_set), self.device)
+            tf, tl = extract_features(backbone, loader(train_set), self.device, report=False)
+            vf, vl = extract_features(backbone, loader(val_set), self.device,
+                                      report=self.dist.main and branch == "teacher")
             result[f"knn_top1_{branch}"] = knn_accuracy(
                 tf, tl, vf, vl, len(train_set.classes), self.cfg.train.knn_k,
                 self.cfg.train.knn_temperature)
@@ -327,23 +376,25 @@ class Trainer:
     def run(self) -> Path:
         cfg = self.cfg
         if self.dist.main:
-            if self.out.exists() and not self.out.is_dir():
-                raise UserError(f"{self.out}: --out is a file, not a run directory")
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
-                (self.out / "config.yaml").write_text(cfg.dump())
+                write_atomic(self.out / CONFIG, cfg.dump().encode())
             except OSError as exc:
                 raise UserError(f"{self.out}: cannot write the run directory "
                                 f"({exc.strerror or exc})") from None
             for partial in remove_partial_saves(self.out):
                 print(f"removed {partial.name}: a checkpoint save that was interrupted",
                       flush=True)
-        log = RunLog(self.out, self.dist.main)
+        log = RunLog(self.out, self.dist.main, self.step)
         log.print(f"momentum2 pretrain: {cfg.model.method} {cfg.model.arch}, "
                   f"{len(self.dataset)} images, {self.per_epoch} steps/epoch, "
                   f"{self.total_steps} steps, batch {cfg.data.batch_size}×{self.dist.world_size}, "
                   f"lr {self.base_lr:.4g}, device {self.device}"
                   + (f", resuming at step {self.step}" if self.step else ""))
+        if cfg.data.workers > available_cpus():
+            log.print(f"warning: data.workers={cfg.data.workers} is more than the "
+                      f"{available_cpus()} CPUs this process may use; loading may be slower "
+                      f"than with data.workers={available_cpus()}")
         self.model.train()
         start_step, t0 = self.step, time.perf_counter()
         window_t, window_images = t0, 0
@@ -357,7 +408,7 @@ class Trainer:
                                       self.step % self.per_epoch, cfg.train.seed,
                                       pin_memory=self.device.type == "cuda")
                 for v1, v2, bad in loader:
-                    self._count_bad(bad, len(v1) + bad, log)
+                    self._count_bad(bad, len(v1) + len(bad), log)
                     if len(v1) < 2:
                         if self.dist.world_size > 1:
                             raise TrainingError(f"a batch at step {self.step} had fewer than 2 "
@@ -380,6 +431,9 @@ class Trainer:
                     if self.step >= stop_at or self.step % self.per_epoch == 0:
                         break
                 if self.step % self.per_epoch == 0 or self.step >= self.total_steps:
+                    if self.seen_images and self.bad_images == self.seen_images:
+                        raise TrainingError(f"{self.data}: none of the {self.seen_images} images "
+                                            f"of an epoch could be read; fix the dataset")
                     done_epoch = math.ceil(self.step / self.per_epoch)
                     final = self.step >= self.total_steps
                     keep = final or done_epoch % cfg.train.save_every_epochs == 0
@@ -411,13 +465,13 @@ class Trainer:
         prof.start()
         return prof
 
-    def _count_bad(self, bad: int, total: int, log: RunLog) -> None:
+    def _count_bad(self, bad: list[Unreadable], total: int, log: RunLog) -> None:
         self.seen_images += total
         if not bad:
             return
-        self.bad_images += bad
-        log.print(f"warning: skipped {bad} unreadable image(s) at step {self.step} "
-                  f"({self.bad_images} so far)")
+        self.bad_images += len(bad)
+        log.print(f"warning: skipped {len(bad)} unreadable image(s) at step {self.step} "
+                  f"({self.bad_images} so far): {describe_unreadable(bad)}")
         if self.bad_images > self.cfg.data.max_bad_fraction * max(self.seen_images, 1) and \
                 self.seen_images >= 100:
             raise TrainingError(f"{self.data}: {self.bad_images} of {self.seen_images} images "
