@@ -112,6 +112,26 @@ def check_predictions(source: str, detections: Sequence[dict[str, Any]],
                                         f"{h}×{w} of image {det['image_id']}")
 
 
+def _check_rle_counts(source: str, detections: Sequence[dict[str, Any]]) -> None:
+    """Raise unless every compressed RLE's counts fit its size (checked by faster-coco-eval's
+    C++ decoder, all masks in one call; pycocotools' has no bounds check)."""
+    from faster_coco_eval.core import mask as fast_mask
+
+    rles = [(i, d["segmentation"]) for i, d in enumerate(detections)
+            if isinstance(d.get("segmentation"), dict)]
+    try:
+        fast_mask.area([rle for _, rle in rles])
+        return
+    except (ValueError, RuntimeError):
+        pass
+    for i, rle in rles:
+        try:
+            fast_mask.area([rle])
+        except (ValueError, RuntimeError):
+            raise TransferError(source, f"detection {i} has an RLE mask whose counts do not fit "
+                                        f"its size {rle['size']}") from None
+
+
 def _to_rle(detections: list[dict[str, Any]], gt: dict[str, Any]) -> None:
     """Polygons and uncompressed RLE -> compressed RLE in place (the APIs score results as
     compressed RLE)."""
@@ -173,12 +193,15 @@ def evaluate_predictions(
 
     tasks = [t for t, key in (("bbox", "bbox"), ("segm", "segmentation"))
              if any(key in d for d in detections)]
+    if evaluator == "official":  # pycocotools reads such counts past the mask's end
+        _check_rle_counts(source, detections)
     scorer = Scorer(spec.json_file, spec.kind, evaluator)
     try:
         scores = {task: scorer.score([d for d in detections
                                       if task == "bbox" or "segmentation" in d], task)
                   for task in tasks}
-    except (ValueError, RuntimeError) as err:  # what the C++ mask decoders raise
+    except (ValueError, RuntimeError) as err:  # what faster-coco-eval's decoders raise
+        _check_rle_counts(source, detections)
         reason = " ".join(str(err).split())[:200]
         raise TransferError(source, f"a mask could not be decoded ({reason}); segmentations "
                                     f"must be polygons or RLE of their image") from None
