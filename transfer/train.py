@@ -76,13 +76,14 @@ class Trainer(DefaultTrainer):
         # LVIS cuts each image's detections to the model's limit (300 in the LVIS configs),
         # as Detectron2's LVISEvaluator does; COCO counts 1/10/100 per image.
         lvis = MetadataCatalog.get(dataset_name).evaluator_type == "lvis"
+        limit = cfg.TEST.DETECTIONS_PER_IMAGE if lvis else None
         return DetectionEvaluator(dataset_name, tasks, output_dir=folder,
-                                  evaluator=cfg.TRANSFER.EVALUATOR,
-                                  max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE if lvis else None)
+                                  evaluator=cfg.TRANSFER.EVALUATOR, max_dets_per_image=limit)
 
 
 def evaluation_folder(cfg: CfgNode, dataset_name: str) -> str:
-    """Where a test set's results file and evaluation details go: ``OUTPUT_DIR/inference/<name>``."""
+    """Where a test set's results file and evaluation details go:
+    ``OUTPUT_DIR/inference/<name>``."""
     return os.path.join(cfg.OUTPUT_DIR, "inference", Path(dataset_name).stem)
 
 
