@@ -141,9 +141,26 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Libraries whose own deprecation and internal notices are not the user's business (a
+#: torch.meshgrid argument inside Detectron2, numpy's copy keyword inside pycocotools, ...).
+QUIET_MODULES = r"(torch|torchvision|detectron2|fvcore|iopath|pycocotools|faster_coco_eval|lvis)"
+#: torch's own loggers that print on import or tracing ("No CUDA runtime is found" on a CPU).
+QUIET_LOGGERS = ("torch.utils.cpp_extension", "torch.fx._symbolic_trace")
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' warnings off the terminal; ours and Detectron2's log lines stay."""
+    import logging
+
+    warnings.filterwarnings("ignore", module=QUIET_MODULES + r"(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``m2t-transfer``; returns the exit status."""
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     from .errors import TransferError
 

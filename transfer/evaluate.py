@@ -84,6 +84,10 @@ def check_predictions(source: str, detections: Sequence[dict[str, Any]],
                                         f"and a numeric score")
         if "bbox" in det and not is_box(det["bbox"]):
             raise TransferError(source, f"detection {i} has a bbox that is not [x, y, w, h]")
+        if "bbox" in det and min(det["bbox"][2:]) < 0:
+            raise TransferError(source, f"detection {i} has a bbox of negative width or height "
+                                        f"({det['bbox'][2]:g} × {det['bbox'][3]:g}); boxes are "
+                                        f"[x, y, width, height], not corner coordinates")
         if "segmentation" in det and not is_segmentation(det["segmentation"]):
             raise TransferError(source, f"detection {i} has a segmentation that is neither "
                                         f"polygons nor RLE")
@@ -180,6 +184,10 @@ def evaluate_predictions(
         if target.resolve() == Path(predictions).resolve():
             raise TransferError(predictions, "--output-dir would overwrite the predictions file "
                                              "with the metrics; choose another folder")
+    if output_dir is not None and (Path(output_dir) / "results.json").exists():
+        raise TransferError(output_dir, "already holds results.json (a run's results); writing "
+                                        "the metrics there would replace them: choose another "
+                                        "--output-dir")
     spec = dataset if isinstance(dataset, DatasetSpec) else resolve_dataset(
         dataset, root=dataset_root, check_images=False)
     if isinstance(predictions, (str, Path)):

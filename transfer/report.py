@@ -46,11 +46,13 @@ CURVE_TITLE = {"IoU=0.50": "IoU 0.50, all areas (AP50)", "IoU=0.75": "IoU 0.75, 
 
 
 def clean_metrics(task_results: Mapping[str, Any]) -> dict[str, float | None]:
-    """The headline metrics of one task (per-category APs dropped; NaN or < 0 -> None)."""
+    """The headline metrics of one task (per-category APs dropped; None, NaN or < 0 -> None:
+    results.json itself holds None for a metric with nothing to measure)."""
     out: dict[str, float | None] = {}
     for name in LVIS_METRICS:
         if name in task_results:
-            value = float(task_results[name])
+            value = task_results[name]
+            value = math.nan if value is None else float(value)
             out[name] = None if math.isnan(value) or value < 0 else round(value, 4)
     return out
 
@@ -185,10 +187,29 @@ def load_run(path: Path) -> dict[str, Any]:
     """One ``results.json``, with its run directory recorded under ``run_dir``."""
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise TransferError(path, f"not valid JSON ({err})") from None
+    except RecursionError:
+        raise TransferError(path, "not valid JSON (nested too deeply)") from None
+    except OSError as err:
+        raise TransferError(path, f"cannot read it ({err.strerror or err})") from None
     if not isinstance(data, dict) or not any(t in data for t in TASKS):
         raise TransferError(path, "not a results.json of m2t-transfer (no bbox/segm metrics)")
+    for task in TASKS:
+        if task not in data:
+            continue
+        if not isinstance(data[task], dict):
+            raise TransferError(path, f"field {task} is not an object of metrics")
+        for name, value in data[task].items():
+            # null is what we write for a metric that could not be computed
+            if value is not None and not (isinstance(value, (int, float))
+                                          and not isinstance(value, bool)
+                                          and math.isfinite(value)):
+                raise TransferError(path, f"field {task}.{str(name)[:40]} is not a number or "
+                                          f"null")
+    for key in ("method", "config", "test_dataset"):
+        if key in data and not isinstance(data[key], (str, int, float)):
+            raise TransferError(path, f"field {key} is not a name")
     data.setdefault("method", path.parent.name)
     data["run_dir"] = str(path.parent)
     return data
@@ -354,11 +375,21 @@ def plot_summary(summary: Mapping[tuple[str, str], Mapping[str, Any]], path: Pat
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[Path, Path]:
     """Put the runs in ``run_dirs`` side by side: ``<out>/report.md`` and ``<out>/report.png``."""
-    runs = [load_run(p) for p in find_runs(run_dirs)]
-    summary = summarize(runs)
+    found = find_runs(run_dirs)
     out_dir = Path(out)
+    for results in found:
+        if out_dir.exists() and out_dir.is_dir() and out_dir.samefile(results.parent):
+            raise TransferError(out_dir, "--output-dir is one of the run directories: its own "
+                                         "report.md would be replaced; choose another folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TransferError(out_dir, "--output-dir is a file, not a folder")
+    runs = [load_run(p) for p in found]
+    summary = summarize(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, png = out_dir / "report.md", out_dir / "report.png"
-    md.write_text(summary_markdown(summary))
+    text = summary_markdown(summary)
+    partial = md.with_name(f".{md.name}.partial")
+    partial.write_text(text)
+    partial.replace(md)  # never half a report
     plot_summary(summary, png)
     return md, png

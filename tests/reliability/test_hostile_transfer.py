@@ -21,7 +21,7 @@ import torchvision
 
 from transfer.__main__ import main
 
-from .conftest import error_line, make_coco_dataset
+from .conftest import error_line, make_coco_dataset, python
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "transfer"
 DEMO = CONFIGS / "demo_mask_rcnn_R_18_FPN_shapes.yaml"
@@ -338,6 +338,93 @@ CASES.update({
     "EXIF rotation": Case(exif_rotation, "EXIF orientation"),
     "unreadable test image": Case(unreadable_test_image, "evaluation needs every image"),
 })
+
+
+# ----- evaluate and report ----------------------------------------------------------------------
+
+def _gt_detections(coco: Path) -> list[dict]:
+    data = json.loads(coco.read_text())
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.9,
+             "bbox": a["bbox"], "segmentation": a["segmentation"]} for a in data["annotations"]]
+
+
+def negative_box_width(folder, weights, coco):
+    dets = _gt_detections(coco)
+    x, y, w, h = dets[1]["bbox"]
+    dets[1]["bbox"] = [x + w, y, -w, h]
+    path = folder / "predictions.json"
+    path.write_text(json.dumps(dets))
+    return ["evaluate", "--dataset", str(coco), "--predictions", str(path)], str(path)
+
+
+def evaluate_into_a_run(folder, weights, coco):
+    path = folder / "predictions.json"
+    path.write_text(json.dumps(_gt_detections(coco)))
+    run = folder / "run"
+    run.mkdir()
+    (run / "results.json").write_text('{"method": "m2t", "bbox": {"AP": 40.0}}')
+    return ["evaluate", "--dataset", str(coco), "--predictions", str(path),
+            "--output-dir", str(run)], str(run)
+
+
+def report_into_a_run(folder, weights, coco):
+    run = folder / "run"
+    run.mkdir()
+    (run / "results.json").write_text('{"method": "m2t", "bbox": {"AP": 40.0}}')
+    (run / "report.md").write_text("the run's own report\n")
+    return ["report", str(run), "--output-dir", str(run)], str(run)
+
+
+def _report_of(text: str | bytes):
+    def make(folder, weights, coco):
+        run = folder / "run"
+        run.mkdir()
+        (run / "results.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        return ["report", str(run), "--output-dir", str(folder / "report")], \
+            str(run / "results.json")
+    return make
+
+
+CASES.update({
+    "evaluate: negative box width": Case(negative_box_width, "negative width"),
+    "evaluate into a run": Case(evaluate_into_a_run, "already holds results.json"),
+    "report into a run": Case(report_into_a_run, "one of the run directories"),
+    "report: metric not a number": Case(_report_of('{"bbox": {"AP": "high"}}'),
+                                        "field bbox.AP is not a number"),
+    "report: task not an object": Case(_report_of('{"bbox": [1, 2]}'), "field bbox"),
+    "report: method not a name": Case(_report_of('{"method": {"a": 1}, "bbox": {"AP": 1}}'),
+                                      "field method"),
+    "report: not UTF-8": Case(_report_of(b"\xff\xfe{"), "not valid JSON"),
+})
+
+
+def test_evaluate_and_report_read_the_null_metrics_they_write(coco: Path, tmp_path: Path,
+                                                              capsys) -> None:
+    """The squares are small or medium: APl has nothing to measure and is written as null;
+    ``report`` must read that back (it crashed on it before)."""
+    preds = tmp_path / "predictions.json"
+    preds.write_text(json.dumps(_gt_detections(coco)))
+    assert main(["evaluate", "--dataset", str(coco), "--predictions", str(preds),
+                 "--output-dir", str(tmp_path / "ev")]) == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["bbox"]["APl"] is None and results["bbox"]["AP"] == pytest.approx(100.0)
+    assert main(["report", str(tmp_path / "ev"), "--output-dir", str(tmp_path / "rep")]) == 0
+    assert "100.0" in (tmp_path / "rep" / "report.md").read_text()
+    assert "error" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_no_library_warning_reaches_the_terminal(weights: Path, coco: Path,
+                                                 tmp_path: Path) -> None:
+    """A whole fine-tuning through the console script: stderr stays empty (torch's "No CUDA
+    runtime is found", the meshgrid and numpy deprecations inside the libraries)."""
+    proc = python(["-m", "transfer", "train", "--config", str(DEMO), "--weights", str(weights),
+                   "--train-dataset", str(coco), "--test-dataset", str(coco),
+                   "--output-dir", str(tmp_path / "run"), "MODEL.DEVICE", "cpu",
+                   "SOLVER.MAX_ITER", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+                   "INPUT.MIN_SIZE_TEST", "96"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.strip() == "", proc.stderr[-3000:]
 
 
 def test_rle_length_reads_pycocotools_encodings() -> None:
