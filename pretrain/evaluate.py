@@ -38,7 +38,7 @@ def load_backbone(run_or_checkpoint: str | Path, branch: str) -> tuple[nn.Module
     """The ``branch`` ("teacher"/"student") backbone of one of our checkpoints, in eval mode."""
     path = checkpoint_path(run_or_checkpoint)
     ckpt = load_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"], str(path))
+    cfg = config_from_dict(ckpt["config"], str(path), ranges=("model",))
     model = build_method(cfg, int(ckpt["total_steps"]))
     try:
         model.student.load_state_dict(ckpt["student"])

@@ -707,3 +707,16 @@ def test_a_normal_run_prints_no_raw_library_warnings(ws: Workspace, tmp_path: Pa
     assert proc.stderr.strip() == "", proc.stderr[-3000:]
     assert sum(f"data.workers={workers} is more than" in x
                for x in proc.stdout.splitlines()) == 1, proc.stdout
+
+
+def test_a_finished_run_stays_readable_by_knn_whatever_it_was_trained_with(
+        ws: Workspace, tmp_path: Path, capsys) -> None:
+    """Ranges bind what a run is asked to do; a checkpoint whose training settings today's
+    ranges refuse (made before they existed) is still evaluated."""
+    ckpt = torch.load(ws.run / "last.pth", map_location="cpu", weights_only=True)
+    ckpt["config"]["train"]["save_every_epochs"] = 0
+    ckpt["config"]["data"]["workers"] = 1000
+    torch.save(ckpt, tmp_path / "old.pth")
+    assert main(["knn", str(tmp_path / "old.pth"), "--branch", "teacher", "--train",
+                 str(ws.data), "--val", str(ws.val)]) == 0, capsys.readouterr().err
+    assert "| teacher | 2 |" in capsys.readouterr().out
