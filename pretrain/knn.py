@@ -45,12 +45,17 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor,
                 temperature: float = 0.07) -> torch.Tensor:
     """Class scores of each query: Σ over its k nearest of exp(cos / T), per neighbour's class.
 
-    Features must be L2-normalised. Returns (num_queries, num_classes).
+    Features must be L2-normalised. Returns (num_queries, num_classes). With a temperature so
+    small that exp(cos / T) would overflow, each query's scores are divided by exp(its best
+    cos / T): the vote is the same, and finite.
     """
     k = min(k, train_features.shape[0])
     sim = query_features @ train_features.T
     top_sim, top_idx = sim.topk(k, dim=1)
-    weights = (top_sim / temperature).exp()
+    logits = top_sim / temperature
+    if logits.abs().max() > 80:  # exp(88) is the largest float32
+        logits = logits - logits[:, :1]
+    weights = logits.exp()
     scores = torch.zeros(query_features.shape[0], num_classes)
     scores.scatter_add_(1, train_labels[top_idx], weights)
     return scores

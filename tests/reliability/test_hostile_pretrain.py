@@ -720,3 +720,16 @@ def test_a_finished_run_stays_readable_by_knn_whatever_it_was_trained_with(
     assert main(["knn", str(tmp_path / "old.pth"), "--branch", "teacher", "--train",
                  str(ws.data), "--val", str(ws.val)]) == 0, capsys.readouterr().err
     assert "| teacher | 2 |" in capsys.readouterr().out
+
+
+def test_a_tiny_knn_temperature_votes_like_the_nearest_neighbours_instead_of_overflowing() -> None:
+    from pretrain.knn import knn_accuracy
+
+    # class 0: two points near +x; class 1: one point near +y; queries near +y are class 1
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0]]),
+                                         dim=1)
+    queries = torch.nn.functional.normalize(torch.tensor([[0.0, 1.0], [0.2, 1.0]]), dim=1)
+    labels, truth = torch.tensor([0, 0, 1]), torch.tensor([1, 1])
+    for temperature in (0.07, 1e-3, 1e-6):  # in range; 1/T up to a million
+        assert knn_accuracy(bank, labels, queries, truth, 2, k=3,
+                            temperature=temperature) == 100.0, temperature
