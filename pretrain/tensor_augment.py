@@ -1,0 +1,610 @@
+"""SPEC §1.1's two views for a whole batch of uint8 image tensors, on any device (SPEC §1.7).
+
+:mod:`pretrain.augment` runs torchvision's transforms on one PIL image at a time. Here a batch
+is augmented at once, on the device its images are on, every sample with its own parameters:
+
+1. :func:`sample_views` draws the parameters of every view of every sample on the CPU, with
+   the very calls torchvision's transforms make, in their order, from one ``torch.Generator``
+   per sample seeded with :func:`sample_seed` (seed, epoch, index). That is how
+   ``pretrain.data.TwoViewDataset`` seeds the PIL path, so both paths draw the same parameters
+   for a sample, a view is a pure function of (seed, epoch, index), and a resumed run needs no
+   saved random state (:func:`seeds_from` derives the seeds from one generator instead, for
+   callers that keep a generator; they save ``generator.get_state()``).
+2. :func:`augment` applies one view's parameters to a batch: resized crop (bicubic,
+   antialiased), horizontal flip, colour jitter in each sample's own order of the four
+   adjustments, grayscale, Gaussian blur, solarize, normalisation.
+
+Between the crop and the normalisation, images are float32 tensors holding uint8 values
+(integers 0–255), and every operation rounds as torchvision's op on a uint8 tensor does
+(truncating after a blend, rounding after the blur). A view is thus torchvision's
+``transforms.v2`` recipe on uint8 tensors, which keeps the PIL path's rounding too (PIL also
+truncates its blends): each operation equals torchvision's functional op on uint8 for the
+same parameters within 1/255 (``tests/pretrain/test_tensor_augment.py``). torchvision's
+functional ops take one factor per call; where a batch needs a factor per sample
+(brightness, contrast, saturation, hue, blur, and the resized crop of a same-size batch) the
+formula is written here, broadcast over the batch, and says which op it transcribes.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from functools import cached_property, lru_cache
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD
+
+Images = torch.Tensor | Sequence[torch.Tensor]
+"""A uint8 batch ``(N, 3, H, W)``, or a list of uint8 ``(3, H_i, W_i)`` images of any sizes."""
+
+SOLARIZE_THRESHOLD = 128
+"""PIL's: pixels ≥ 128 are inverted."""
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """The blur kernel of :func:`pretrain.augment.view_transform`: about 10% of the side, odd."""
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of a sample's generator: the one ``pretrain.data.TwoViewDataset`` gives torch."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
+
+
+def seeds_from(generator: torch.Generator, n: int) -> list[int]:
+    """``n`` sample seeds drawn from one generator (save ``generator.get_state()`` to resume)."""
+    return torch.randint(0, 2**63 - 1, (n,), generator=generator).tolist()
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """One view of SPEC §1.1: the distributions its parameters are drawn from."""
+
+    size: int
+    blur_p: float
+    solarize_p: float
+    min_scale: float = 0.08
+    max_scale: float = 1.0
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    gray_p: float = 0.2
+    sigma: tuple[float, float] = (0.1, 2.0)
+
+    @property
+    def kernel(self) -> int:
+        return blur_kernel_size(self.size)
+
+    @cached_property
+    def jitter_ranges(self) -> tuple[tuple[float, float] | None, ...]:
+        """(brightness, contrast, saturation, hue) ranges as ``ColorJitter`` resolves them;
+        None for an adjustment it leaves out (and then draws nothing for)."""
+        cj = T.ColorJitter(*self.jitter)
+        return cj.brightness, cj.contrast, cj.saturation, cj.hue
+
+
+def two_view_recipes(image_size: int, min_scale: float = 0.08) -> tuple[ViewRecipe, ViewRecipe]:
+    """View 1: blur p 1.0, solarize p 0; view 2: blur p 0.1, solarize p 0.2."""
+    return (ViewRecipe(image_size, blur_p=1.0, solarize_p=0.0, min_scale=min_scale),
+            ViewRecipe(image_size, blur_p=0.1, solarize_p=0.2, min_scale=min_scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, drawn exactly as torchvision draws them
+
+
+class Draws:
+    """The random calls torchvision's transforms make, drawn from one generator.
+
+    ``torch.rand(1)``, ``torch.empty(1).uniform_(a, b)``, ``torch.randint(0, n, (1,))`` and
+    ``torch.randperm(4)`` with ``generator=``: the same numbers as those calls on a generator
+    in the same state (written into two reused one-element tensors, which is quicker).
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator if generator is not None else torch.Generator()
+        self._float = torch.empty(1)
+        self._long = torch.empty(1, dtype=torch.long)
+
+    def uniform(self, low: float, high: float) -> float:
+        return self._float.uniform_(low, high, generator=self.generator).item()
+
+    def log_uniform(self, low: float, high: float) -> float:
+        """``torch.exp(torch.empty(1).uniform_(low, high)).item()`` (exp in float32)."""
+        return self._float.uniform_(low, high, generator=self.generator).exp_().item()
+
+    def rand(self) -> float:
+        return self.uniform(0.0, 1.0)
+
+    def randint(self, high: int) -> int:
+        return self._long.random_(0, high, generator=self.generator).item()
+
+    def randperm4(self) -> list[int]:
+        return torch.randperm(4, generator=self.generator).tolist()
+
+    def applies(self, p: float) -> bool:
+        """``RandomApply``'s draw: applied unless ``p < torch.rand(1)`` (compared in float32)."""
+        return not _float32(p) < self.rand()
+
+    def happens(self, p: float) -> bool:
+        """``RandomHorizontalFlip``'s and ``RandomGrayscale``'s draw: ``torch.rand(1) < p``."""
+        return self.rand() < _float32(p)
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to float32, as torch compares a float32 tensor with a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def crop_box(draws: Draws, height: int, width: int, scale: tuple[float, float],
+             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """``RandomResizedCrop.get_params`` drawing from ``draws``: (top, left, height, width).
+
+    Ten tries of an area fraction uniform in ``scale`` and a log-uniform aspect ratio, then the
+    centre crop of the ratio-clamped whole image; the same calls, so the same numbers.
+    """
+    area = height * width
+    log_ratio = _log_ratio(tuple(ratio))
+    for _ in range(10):
+        target_area = area * draws.uniform(scale[0], scale[1])
+        aspect_ratio = draws.log_uniform(*log_ratio)
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = draws.randint(height - h + 1)
+            j = draws.randint(width - w + 1)
+            return i, j, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@lru_cache(maxsize=16)
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    """``torch.log(torch.tensor(ratio))`` (float32), as ``get_params`` computes it."""
+    low, high = torch.log(torch.tensor(ratio)).tolist()
+    return low, high
+
+
+@dataclass
+class ViewParams:
+    """One view's parameters for a batch of N samples (CPU tensors, one row per sample).
+
+    ``boxes`` (N, 4) top, left, height, width of the crop; ``order`` (N, 4) the jitter order
+    (0 brightness, 1 contrast, 2 saturation, 3 hue); ``factors`` (N, 4) the four factors in
+    that numbering (1, 1, 1, 0 where no jitter); ``sigma`` (N,) the blur σ (0 where no blur).
+    """
+
+    boxes: torch.Tensor
+    flip: torch.Tensor
+    jitter: torch.Tensor
+    order: torch.Tensor
+    factors: torch.Tensor
+    gray: torch.Tensor
+    blur: torch.Tensor
+    sigma: torch.Tensor
+    solarize: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def subset(self, rows: torch.Tensor | Sequence[int]) -> ViewParams:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return ViewParams(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    @staticmethod
+    def cat(parts: Sequence[ViewParams]) -> ViewParams:
+        return ViewParams(*(torch.cat([getattr(p, f.name) for p in parts])
+                            for f in fields(ViewParams)))
+
+
+def sample_view(draws: Draws, height: int, width: int, recipe: ViewRecipe) -> tuple:
+    """One sample's view parameters, drawn in the order of ``view_transform``'s ``Compose``:
+    crop, flip, jitter (apply?, order, factors), grayscale, blur (apply?, σ), solarize
+    (apply?). A row of :class:`ViewParams`."""
+    box = crop_box(draws, height, width, (recipe.min_scale, recipe.max_scale), recipe.ratio)
+    flip = draws.happens(recipe.flip_p)
+    jitter = draws.applies(recipe.jitter_p)
+    order, factors = [0, 1, 2, 3], [1.0, 1.0, 1.0, 0.0]
+    if jitter:  # ColorJitter.get_params
+        order = draws.randperm4()
+        for k, bounds in enumerate(recipe.jitter_ranges):
+            if bounds is not None:
+                factors[k] = draws.uniform(*bounds)
+    gray = draws.happens(recipe.gray_p)
+    blur = draws.applies(recipe.blur_p)
+    sigma = draws.uniform(*recipe.sigma) if blur else 0.0
+    solarize = draws.applies(recipe.solarize_p)
+    return box, flip, jitter, order, factors, gray, blur, sigma, solarize
+
+
+def _stack(rows: list[tuple]) -> ViewParams:
+    cols = list(zip(*rows, strict=True)) if rows else [[]] * 9
+    box, flip, jitter, order, factors, gray, blur, sigma, solarize = cols
+    return ViewParams(
+        boxes=torch.tensor(box, dtype=torch.long).reshape(-1, 4),
+        flip=torch.tensor(flip, dtype=torch.bool), jitter=torch.tensor(jitter, dtype=torch.bool),
+        order=torch.tensor(order, dtype=torch.long).reshape(-1, 4),
+        factors=torch.tensor(factors, dtype=torch.float32).reshape(-1, 4),
+        gray=torch.tensor(gray, dtype=torch.bool), blur=torch.tensor(blur, dtype=torch.bool),
+        sigma=torch.tensor(sigma, dtype=torch.float32),
+        solarize=torch.tensor(solarize, dtype=torch.bool))
+
+
+def sample_views(sizes: Sequence[tuple[int, int]], seeds: Sequence[int],
+                 recipes: Sequence[ViewRecipe]) -> list[ViewParams]:
+    """The parameters of every view (one :class:`ViewParams` per recipe) of every sample.
+
+    ``sizes`` are the images' (height, width); sample k draws all its views, in recipe order,
+    from a generator seeded with ``seeds[k]`` (as ``TwoViewDataset`` calls view 1 then view 2
+    after seeding torch). Costs about 50 µs of CPU per sample: cheap enough for the main
+    process, and it needs only the sizes, so DataLoader workers can do it from file headers.
+    """
+    rows: list[list[tuple]] = [[] for _ in recipes]
+    draws = Draws()
+    for (height, width), seed in zip(sizes, seeds, strict=True):
+        draws.generator.manual_seed(int(seed))
+        for r, recipe in enumerate(recipes):
+            rows[r].append(sample_view(draws, int(height), int(width), recipe))
+    return [_stack(r) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched operations on float32 images (N, 3, H, W) holding uint8 values, factors (N,) on the
+# same device; each returns uint8 values again, rounded as torchvision's uint8 op rounds
+
+
+def _per_sample(f: torch.Tensor) -> torch.Tensor:
+    return f.reshape(-1, 1, 1, 1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """v2 ``_blend`` on uint8 (``ratio·a + (1 − ratio)·b``, clamped, truncated) with a ratio
+    per sample."""
+    r = _per_sample(ratio)
+    return a.mul(r).add_(b.mul(1 - r)).clamp_(0, 255).floor_()
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """The luma that v2's contrast and saturation blend with on uint8 (floored)."""
+    return TF.rgb_to_grayscale(x).floor_()
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``adjust_brightness`` with a factor per sample: ``x·f`` clamped, truncated."""
+    return x.mul(_per_sample(factor)).clamp_(0, 255).floor_()
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``adjust_contrast`` with a factor per sample: blend with the mean of the image's luma."""
+    return _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``adjust_saturation`` with a factor per sample: blend with the image's luma."""
+    return _blend(x, _gray(x), factor)
+
+
+_HUE_OFFSETS = (5.0, 3.0, 1.0)  # red, green, blue
+_TO_UINT8 = (255 + 1 - 1e-3) / 255  # v2 ``to_dtype(float → uint8, scale=True)``, then truncated
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``adjust_hue`` with a factor per sample: rotate the HSV hue by ``factor`` turns.
+
+    torchvision converts RGB → HSV (``_rgb_to_hsv``, Pillow's formula), adds the factor to
+    H modulo 1, converts back (``_hsv_to_rgb``) and to uint8. Here the same hue (6H, from
+    whichever channel is the maximum) goes straight back through the closed form of
+    HSV → RGB: channel n ∈ {R: 5, G: 3, B: 1} is ``V − C·clamp(min(k, 4 − k), 0, 1)`` with
+    ``k = (n + 6H) mod 6``, V the maximum and C = V − minimum (V and S are unchanged).
+    """
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    inv = torch.where(chroma > 0, chroma.reciprocal(), 0.0)
+    hue6 = torch.where(maxc == r, g - b,
+                       torch.where(maxc == g, torch.add(b - r, chroma, alpha=2),
+                                   torch.add(r - g, chroma, alpha=4)))
+    hue6.mul_(inv).add_(_per_sample(factor * 6.0))
+    offsets = torch.tensor(_HUE_OFFSETS, dtype=x.dtype, device=x.device).reshape(1, 3, 1, 1)
+    k = (hue6 + offsets).remainder_(6.0)
+    out = torch.addcmul(maxc, chroma, torch.minimum(k, 4.0 - k).clamp_(0, 1), value=-1)
+    return out.mul_(_TO_UINT8).floor_()
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """``rgb_to_grayscale`` to three channels, truncated as on uint8."""
+    return TF.rgb_to_grayscale(x, num_output_channels=3).floor()
+
+
+def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(N, K) 1-D Gaussian kernels, one per σ: v2 ``_get_gaussian_kernel1d`` per sample."""
+    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
+    x = torch.linspace(-lim, lim, steps=kernel_size, dtype=torch.float32, device=sigma.device)
+    return torch.softmax(x.div(sigma.reshape(-1, 1)).pow(2).neg(), dim=1)
+
+
+NEGLIGIBLE_TAP = 1e-7
+"""Blur taps lighter than this (for every σ of the batch) are left out: all of them together
+move a pixel by less than 3e-6 of full scale, where the tolerance is 1/255 = 4e-3."""
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int,
+                  max_sigma: float | None = None) -> torch.Tensor:
+    """``gaussian_blur`` (reflect padding, K×K Gaussian) with a σ per sample.
+
+    torchvision convolves with the K×K outer product of the 1-D kernel; here the same kernel
+    is applied as two 1-D passes (K instead of K² multiply-adds per pixel), every sample's
+    channels a group of a depthwise convolution; rounded as on uint8. Given ``max_sigma`` (the largest σ, known
+    on the CPU), the outer taps whose weight is below ``NEGLIGIBLE_TAP`` are skipped.
+    """
+    n, c, h, w = x.shape
+    radius = kernel_size // 2
+    if max_sigma is not None:
+        radius = min(radius, math.ceil(max_sigma * math.sqrt(2 * math.log(1 / NEGLIGIBLE_TAP))))
+    taps = 2 * radius + 1
+    kernel = gaussian_kernels(sigma.to(torch.float32), kernel_size).to(x.dtype)
+    trim = kernel_size // 2 - radius
+    kernel = kernel[:, trim:kernel_size - trim].repeat_interleave(c, dim=0)  # (N·C, taps)
+    y = F.pad(x, [radius] * 4, mode="reflect").reshape(1, n * c, h + 2 * radius, w + 2 * radius)
+    y = F.conv2d(y, kernel.reshape(n * c, 1, 1, taps), groups=n * c)
+    y = F.conv2d(y, kernel.reshape(n * c, 1, taps, 1), groups=n * c)
+    return y.reshape(n, c, h, w).round_()
+
+
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    """``solarize`` at PIL's 128: pixels ≥ 128 become 255 − pixel."""
+    return torch.where(x >= SOLARIZE_THRESHOLD, 255 - x, x)
+
+
+def horizontal_flip(x: torch.Tensor) -> torch.Tensor:
+    return TF.horizontal_flip(x)
+
+
+def _cubic(x: torch.Tensor) -> torch.Tensor:
+    """The bicubic filter (a = −0.5) of PIL's and torch's antialiased resampling, in torch's
+    order of operations (``cubic_convolution1``/``2``)."""
+    x = x.abs()
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch's uint8 antialiased bicubic resampling of the pixels ``[start, start + length)``
+    of each sample's row to ``out_size`` pixels, as a matrix: (weights (N, out_size, in_size),
+    precision (N,)). The weights are integers; a pixel is
+    ``(Σ weight·input + 2^(precision−1)) >> precision``, clamped to 0–255.
+
+    ``upsample_bicubic2d_aa`` (a port of PIL's ``ImagingResample``) and its uint8 kernel
+    (``_compute_index_ranges_int16_weights``): output pixel i has centre ``s·(i + 0.5)``,
+    ``s = length / out_size``; its weights are the filter at ``(j − centre + 0.5) / max(s, 1)``
+    over the crop's pixels j, divided by their sum, then scaled by 2^precision (the largest
+    that keeps the largest weight of the row set under 2^15) and rounded half away from zero.
+    Pixels outside the crop weigh 0, so the matrix crops and resizes at once.
+    """
+    start = start.to(torch.float64).reshape(-1, 1, 1)
+    length = length.to(torch.float64).reshape(-1, 1, 1)
+    scale = length / out_size
+    inv = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
+    i = torch.arange(out_size, dtype=torch.float64, device=start.device).reshape(1, -1, 1)
+    j = torch.arange(in_size, dtype=torch.float64, device=start.device).reshape(1, 1, -1)
+    w = _cubic((j - start - scale * (i + 0.5) + 0.5) * inv)
+    w = w * ((j >= start) & (j < start + length))
+    w = w / w.sum(dim=-1, keepdim=True)
+    top = w.amax(dim=(1, 2))
+    bits = torch.arange(22, dtype=torch.float64, device=w.device)
+    fits = torch.floor(0.5 + top.reshape(-1, 1) * 2 ** (bits + 1)) < 2**15
+    precision = fits.to(torch.int64).cumprod(dim=1).sum(dim=1)  # the first p that does not fit
+    w = w * (2.0 ** precision).reshape(-1, 1, 1)
+    w = torch.where(w < 0, torch.ceil(w - 0.5), torch.floor(w + 0.5))
+    return w.to(torch.float32), precision
+
+
+def _shift_round(acc: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """``(acc + 2^(p−1)) >> p`` clamped to 0–255, for exact integer ``acc`` held in float32."""
+    unit = (2.0 ** precision.to(torch.float32)).reshape(-1, 1, 1, 1)
+    return torch.floor_(acc.add_(unit / 2).div_(unit)).clamp_(0, 255)
+
+
+def resized_crop_batch(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop ``boxes`` (N, 4: top, left, height, width) of a same-size uint8 batch (N, C, H, W)
+    and resize each crop to ``size``², bicubic with antialias: (N, C, size, size). torchvision's ``resized_crop`` on uint8 (torch's uint8 kernel, on the CPU) per
+    sample, without a loop (float32 holding uint8 values, like the other ops here): its
+    fixed-point arithmetic as two matrix products, width then
+    height, each rounded as that kernel rounds. Sums stay under 2^24, so float32 holds them
+    exactly (with TF32 matmuls, which this turns off for its own products, they would not).
+
+    (torchvision's op on float, or on a GPU, does not round between the two passes and can
+    differ from its uint8 op by up to 11/255 at sharp edges of photographs.)
+    """
+    _, _, h, w = images.shape
+    dev = images.device
+    boxes = boxes.to(dev)
+    rows, row_bits = resample_weights(boxes[:, 0], boxes[:, 2], h, size)
+    cols, col_bits = resample_weights(boxes[:, 1], boxes[:, 3], w, size)
+    with _exact_matmul(dev):
+        x = torch.matmul(images.to(torch.float32), cols.transpose(1, 2).unsqueeze(1))
+        x = _shift_round(x, col_bits)
+        return _shift_round(torch.matmul(rows.unsqueeze(1), x), row_bits)
+
+
+@contextmanager
+def _exact_matmul(device: torch.device) -> Iterator[None]:
+    """float32 products in full precision: no TF32 on a GPU, no autocast."""
+    with torch.autocast(device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def resize_two_pass(crop: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bicubic resize of a uint8 (C, h, w) crop to ``size``² by ``interpolate`` on
+    float, width then height, rounded to uint8 values in between as torch's uint8 kernel
+    does (one pass on float differs from it by up to 11/255 at sharp edges)."""
+    x = crop[None].to(torch.float32)
+    x = F.interpolate(x, size=(x.shape[-2], size), mode="bicubic", antialias=True,
+                      align_corners=False).clamp_(0, 255).round_()
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x[0].clamp_(0, 255).round_()
+
+
+def resized_crop(images: Images, boxes: torch.Tensor, size: int,
+                 batched: bool | None = None) -> torch.Tensor:
+    """``resized_crop`` (bicubic, antialias) of every sample to ``size``²: float32 holding
+    uint8 values.
+
+    Batched (the default for images of one size, except large ones on the CPU, where a loop
+    over torchvision's uint8 kernel is faster than the products): :func:`resized_crop_batch`.
+    Otherwise each image is cropped and resized on its own: by torchvision's op on uint8 on
+    the CPU (its native uint8 kernel), by :func:`resize_two_pass` elsewhere.
+    """
+    if batched is None:
+        first = images[0]
+        same = isinstance(images, torch.Tensor) or len({tuple(i.shape) for i in images}) == 1
+        batched = same and (first.device.type != "cpu" or max(first.shape[-2:]) <= 2 * size)
+    if batched:
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack(list(images))
+        return resized_crop_batch(images, boxes, size)
+    out = []
+    for img, (top, left, h, w) in zip(images, boxes.tolist(), strict=True):
+        if img.device.type == "cpu":
+            out.append(TF.resized_crop(img, top, left, h, w, [size, size],
+                                       InterpolationMode.BICUBIC, antialias=True))
+        else:
+            out.append(resize_two_pass(img[:, top:top + h, left:left + w], size))
+    return torch.stack(out).to(torch.float32)
+
+
+def _on(x: torch.Tensor, rows: torch.Tensor, op: Callable[..., torch.Tensor],
+        *factors: torch.Tensor) -> torch.Tensor:
+    """``op`` applied to the samples where the CPU mask ``rows`` is true (the rest untouched)."""
+    count = int(rows.sum())
+    if count == 0:
+        return x
+    if count == len(rows):
+        return op(x, *(f.to(x.device, non_blocking=True) for f in factors))
+    idx = rows.nonzero().squeeze(1)
+    idx_dev = idx.to(x.device, non_blocking=True)
+    sub = op(x.index_select(0, idx_dev), *(f[idx].to(x.device, non_blocking=True)
+                                            for f in factors))
+    return x.index_copy_(0, idx_dev, sub)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+"""``ColorJitter``'s numbering of its four adjustments (``fn_idx``)."""
+
+
+def augment(images: Images, params: ViewParams, recipe: ViewRecipe,
+            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One view of every sample: (N, 3, size, size) normalised, on the images' device.
+
+    ``images`` are uint8: a (N, 3, H, W) batch or a list of (3, H_i, W_i) images. The view
+    recipe's probabilities are already in ``params``; ``recipe`` supplies the size and kernel.
+    """
+    x = resized_crop(images, params.boxes, recipe.size)
+    return _after_crop(x, params, recipe, mean, std).to(dtype)
+
+
+def image_sizes(images: Images) -> list[tuple[int, int]]:
+    """(height, width) of every image of a batch or list."""
+    if isinstance(images, torch.Tensor):
+        return [tuple(images.shape[-2:])] * len(images)
+    return [tuple(i.shape[-2:]) for i in images]
+
+
+class TwoViewAugment:
+    """Both views of SPEC §1.1 for a batch of uint8 images, on the images' device.
+
+    >>> aug = TwoViewAugment(224)
+    >>> seeds = [sample_seed(cfg_seed, epoch, i) for i in indices]   # doctest: +SKIP
+    >>> view1, view2 = aug(images, seeds)                            # doctest: +SKIP
+
+    Same seeds, same views (on the same device): resuming needs only (seed, epoch, position).
+    ``sample`` and ``apply`` split the work, so that the parameters can be drawn elsewhere
+    (e.g. in DataLoader workers, from the images' sizes) and applied on the GPU.
+    """
+
+    def __init__(self, image_size: int, min_scale: float = 0.08,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 dtype: torch.dtype = torch.float32, chunk_pixels: int = 1 << 18) -> None:
+        self.recipes = two_view_recipes(image_size, min_scale)
+        self.mean, self.std, self.dtype = tuple(mean), tuple(std), dtype
+        self.chunk_pixels = chunk_pixels
+
+    def sample(self, sizes: Sequence[tuple[int, int]], seeds: Sequence[int]
+               ) -> tuple[ViewParams, ViewParams]:
+        view1, view2 = sample_views(sizes, seeds, self.recipes)
+        return view1, view2
+
+    def apply(self, images: Images, params: tuple[ViewParams, ViewParams]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views. The 2N crops go through the rest of the recipe together (the two
+        recipes differ only in probabilities, already drawn) on a GPU; on the CPU a few at a
+        time, about ``chunk_pixels`` pixels, from crop to normalisation (faster in cache)."""
+        recipe = self.recipes[0]
+        n, size = len(params[0]), recipe.size
+        both = ViewParams.cat(params)
+        device = images.device if isinstance(images, torch.Tensor) else images[0].device
+        step = 2 * n if device.type != "cpu" else max(1, self.chunk_pixels // (size * size))
+        views = torch.empty((2 * n, 3, size, size), dtype=self.dtype, device=device)
+        for k in range(0, 2 * n, step):
+            rows = list(range(k, min(k + step, 2 * n)))
+            sources = [r % n for r in rows]
+            if isinstance(images, torch.Tensor):
+                chunk = images if sources == list(range(n)) else images[sources]
+            else:
+                chunk = [images[i] for i in sources]
+            part = both.subset(rows)
+            x = resized_crop(chunk, part.boxes, size)
+            views[k:k + len(rows)] = _after_crop(x, part, recipe, self.mean, self.std)
+        return views[:n], views[n:]
+
+    def __call__(self, images: Images, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(images, self.sample(image_sizes(images), seeds))
+
+
+def _after_crop(x: torch.Tensor, params: ViewParams, recipe: ViewRecipe,
+                mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Flip, jitter in each sample's order, grayscale, blur, solarize, normalise."""
+    x = _on(x, params.flip, horizontal_flip)
+    if bool(params.jitter.any()):
+        ranges = recipe.jitter_ranges
+        at = params.jitter.reshape(-1, 1, 1) & (params.order.unsqueeze(2) == torch.arange(4))
+        for position in range(4):  # at[i, position, k]: op k is sample i's position-th
+            for k, op in enumerate(JITTER_OPS):
+                if ranges[k] is not None:
+                    x = _on(x, at[:, position, k], op, params.factors[:, k])
+    x = _on(x, params.gray, grayscale)
+    if bool(params.blur.any()):
+        top = float(params.sigma[params.blur].max())
+        x = _on(x, params.blur, lambda y, s: gaussian_blur(y, s, recipe.kernel, top), params.sigma)
+    x = _on(x, params.solarize, solarize)
+    x = x.mul_(1 / 255)  # v2 ``to_dtype(float32, scale=True)``
+    return TF.normalize(x, list(mean), list(std), inplace=True)
