@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -233,13 +233,15 @@ class EncodedImages(torch.utils.data.Dataset):
 
 class EncodedBatch(NamedTuple):
     """A batch of encoded images: dataset indices (LongTensor), bytes, paths, the sizes their
-    headers give (None where the header says nothing) and the files that could not be read."""
+    headers give (None where the header says nothing), the files that could not be read, and
+    whatever a ``collate_fn`` drew for them in the worker (``pretrain.tensor_pipeline``)."""
 
     indices: torch.Tensor
     data: list[torch.Tensor]
     paths: list[str]
     sizes: list[tuple[int, int] | None]
     bad: list[Unreadable]
+    params: Any = None
 
 
 def collate_encoded(batch: Sequence[Encoded | Unreadable]) -> EncodedBatch:
@@ -248,17 +250,20 @@ def collate_encoded(batch: Sequence[Encoded | Unreadable]) -> EncodedBatch:
     sizes = []
     for b in good:
         header = read_header(b.data)
-        sizes.append(None if header is None else (header.height, header.width))
+        known = header is not None and header.height > 0 and header.width > 0
+        sizes.append((header.height, header.width) if known else None)
     return EncodedBatch(torch.tensor([b.index for b in good], dtype=torch.long),
                         [b.data for b in good], [b.path for b in good], sizes,
                         [b for b in batch if isinstance(b, Unreadable)])
 
 
 class DecodedBatch(NamedTuple):
-    """Decoded images with their dataset indices, and every image of the batch not read."""
+    """Decoded images with their dataset indices and positions in the batch, and every image
+    of the batch not read."""
 
     images: list[torch.Tensor]
     indices: torch.Tensor
+    kept: list[int]
     bad: list[Unreadable]
 
 
@@ -266,4 +271,4 @@ def decode_batch(batch: EncodedBatch, device: torch.device | str = "cpu") -> Dec
     """:func:`decode_images` for a collated batch; failures join ``bad`` with their paths."""
     decoded = decode_images(batch.data, device)
     bad = list(batch.bad) + [Unreadable(batch.paths[k], reason) for k, reason in decoded.failed]
-    return DecodedBatch(decoded.images, batch.indices[decoded.kept], bad)
+    return DecodedBatch(decoded.images, batch.indices[decoded.kept], decoded.kept, bad)
