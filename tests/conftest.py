@@ -53,3 +53,24 @@ def tiny_train(cifar10_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def tiny_val(cifar10_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """32 labelled images of the same 4 classes, for the kNN monitor."""
     return link_subset(cifar10_mini / "val", tmp_path_factory.mktemp("tinyval") / "val", 4, 8)
+
+
+@pytest.fixture(autouse=True)
+def drop_logging_handlers_added_by_the_test():
+    """Remove logging handlers a test added (Detectron2's ``setup_logger`` in an in-process
+    run attaches them to the stream pytest captured for that test; once the stream is closed,
+    every later log line would print a logging error into another test's stderr)."""
+    import logging
+
+    def handlers() -> dict[str, list[logging.Handler]]:
+        names = list(logging.root.manager.loggerDict)  # not the root: pytest's own are there
+        return {n: list(logging.getLogger(n).handlers) for n in names
+                if isinstance(logging.getLogger(n), logging.Logger)}
+
+    before = handlers()
+    yield
+    for name, now in handlers().items():
+        for handler in now:
+            if handler not in before.get(name, []):
+                logging.getLogger(name).removeHandler(handler)
+                handler.close()
