@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -91,3 +93,25 @@ def test_an_all_unreadable_batch_is_empty_views_and_its_failures(tmp_path: Path)
                                "cpu", 0, 0)
     assert views.view1.shape == (0, 3, 16, 16) and views.indices.numel() == 0
     assert sorted(Path(b.path).name for b in views.bad) == ["bad.jpg", "gone.jpg"]
+
+
+@pytest.mark.slow
+def test_the_device_benchmark_runs_on_the_cpu(tmp_path: Path, coco_mini):
+    """``benchmarks/data_pipeline.py --device cuda`` waits for a GPU; its code runs here."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "data_pipeline.py"), "--device", "cpu",
+         "--batch", "4", "--timed-batches", "1", "--warm-batches", "1", "--rounds", "1",
+         "--workers", "1", "--sizes", "64", "--cifar-images", "16", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=repo,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "data_pipeline_cpu.json").read_text())["rows"]
+    rates = [r for r in rows if "rates" in r]
+    assert len(rates) == 6 and all(r["images_per_s"] > 0 for r in rates)
+    agreement = [r["agreement"] for r in rows if "agreement" in r]
+    assert len(agreement) == 3 and all(a["max"] == 0 for a in agreement)
