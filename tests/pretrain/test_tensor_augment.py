@@ -390,3 +390,14 @@ def test_views_of_a_list_of_sizes_and_a_batch_agree(batch):
     for a, b in zip(from_batch, from_list, strict=True):
         assert a.shape == (4, 3, 24, 24) and a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_no_images_give_empty_views_and_autocast_does_not_reach_the_ops(batch):
+    aug = A.TwoViewAugment(16)
+    v1, v2 = aug([], [])
+    assert v1.shape == v2.shape == (0, 3, 16, 16)
+    seeds = list(range(4))
+    plain = aug(batch, seeds)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = aug(batch, seeds)
+    assert all(torch.equal(a, b) for a, b in zip(plain, under_autocast, strict=True))
