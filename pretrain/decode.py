@@ -179,9 +179,42 @@ def decode_images(data: Sequence[torch.Tensor], device: torch.device | str = "cp
 
 
 def _decode_nvjpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """nvjpeg on the whole list at once; if that fails, on each image alone (None: failed)."""
+    """nvjpeg on the whole list at once; if that fails, on each image alone (None: failed).
+
+    On a GPU the decoder runs with a stream of its own current, on which nothing else is
+    queued: nvJPEG's hardware engine may write its output before work already queued on the
+    current stream has run, and the caching allocator may hand it a block that such work is
+    still reading (pytorch/vision#9606, meta-pytorch/torchcodec#1634). The images are then
+    handed to the caller's stream (``record_stream``), so their blocks are reused only after
+    the caller's work on them is done.
+    """
     if not data:
         return []
+    if device.type != "cuda":
+        return _decode_jpegs(data, device)
+    caller = torch.cuda.current_stream(device)
+    side = _decode_stream(device)  # waits for nothing: the inputs are CPU bytes
+    with torch.cuda.stream(side):
+        images = _decode_jpegs(data, device)
+    caller.wait_stream(side)
+    for image in images:
+        if image is not None:
+            image.record_stream(caller)
+    return images
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = torch.device("cuda", index)
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(key)
+    return _STREAMS[key]
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     with _quiet():
         try:
             return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
