@@ -98,8 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_launch(args: argparse.Namespace) -> None:
+    """The process-count options, before anything starts."""
+    from .errors import TransferError
+
+    if args.num_gpus < 1:
+        raise TransferError("--num-gpus", f"must be >= 1 (processes per machine), got "
+                                          f"{args.num_gpus}")
+    if args.num_machines < 1:
+        raise TransferError("--num-machines", f"must be >= 1, got {args.num_machines}")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise TransferError("--machine-rank", f"must be between 0 and --num-machines - 1 = "
+                                              f"{args.num_machines - 1}, got {args.machine_rank}")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command in ("train", "eval"):
+        _check_launch(args)
         from .report import run_table
         from .train import run_evaluation, run_training
 

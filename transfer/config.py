@@ -184,6 +184,52 @@ def resolve_sync_bn(cfg: CfgNode, world_size: int) -> list[str]:
     return changed
 
 
+#: Ranges of the numeric keys a user sets, checked once the config is merged and
+#: overridden: (key, lowest, highest, why). Values outside reach Detectron2 only as deep
+#: tracebacks (``MAX_ITER 0``: "Total num_updates must be greater than ...") or as runs that
+#: silently do nothing. None: no bound on that side.
+RANGES: tuple[tuple[str, float | None, float | None, str], ...] = (
+    ("SOLVER.MAX_ITER", 1, None, "iterations to train"),
+    ("SOLVER.IMS_PER_BATCH", 1, None, "images per batch"),
+    ("SOLVER.BASE_LR", 0, None, "learning rate"),
+    ("SOLVER.WARMUP_ITERS", 0, None, "warm-up iterations"),
+    ("SOLVER.WARMUP_FACTOR", 0, 1, "warm-up start factor"),
+    ("SOLVER.GAMMA", 0, None, "LR decay factor"),
+    ("SOLVER.MOMENTUM", 0, 1, "SGD momentum"),
+    ("SOLVER.WEIGHT_DECAY", 0, None, "weight decay"),
+    ("SOLVER.CHECKPOINT_PERIOD", 1, None, "iterations between checkpoints"),
+    ("TEST.EVAL_PERIOD", 0, None, "iterations between evaluations (0: at the end only)"),
+    ("TEST.DETECTIONS_PER_IMAGE", 1, None, "detections kept per image"),
+    ("TRANSFER.TOTAL_BATCH", 0, None, "total batch to rescale to (0: off)"),
+    ("DATALOADER.NUM_WORKERS", 0, None, "loader processes"),
+    ("SEED", -1, 2**32 - 1, "random seed (-1: drawn at random)"),
+    ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0, 1, "a score"),
+    ("MODEL.ROI_HEADS.NMS_THRESH_TEST", 0, 1, "an IoU"),
+    ("MODEL.FCOS.SCORE_THRESH_TEST", 0, 1, "a score"),
+    ("INPUT.MAX_SIZE_TRAIN", 1, None, "pixels"),
+    ("INPUT.MAX_SIZE_TEST", 1, None, "pixels"),
+    ("INPUT.MIN_SIZE_TEST", 0, None, "pixels (0: no resizing)"),
+)
+
+
+def check_ranges(cfg: CfgNode, path: Path) -> None:
+    """Raise :class:`TransferError` naming the first key of :data:`RANGES` out of range."""
+    for key, low, high, what in RANGES:
+        try:
+            value = get_key(cfg, key)
+        except (AttributeError, KeyError):
+            continue  # a key of another meta-architecture
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue  # yacs already checked its type against the default's
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = (f"between {low} and {high}" if low is not None and high is not None
+                      else f">= {low}" if low is not None else f"<= {high}")
+            raise TransferError(path, f"{key} must be {bounds} ({what}), got {value}")
+    sizes = cfg.INPUT.MIN_SIZE_TRAIN
+    if not sizes or any(not isinstance(v, int) or v < 1 for v in sizes):
+        raise TransferError(path, f"INPUT.MIN_SIZE_TRAIN must list sizes >= 1, got {sizes}")
+
+
 def load_config(
     name_or_path: str,
     overrides: Sequence[str] = (),
@@ -212,6 +258,7 @@ def load_config(
         cfg.merge_from_list(list(overrides))
     except Exception as err:
         raise TransferError(path, f"bad override: {_one_line(err)}") from None
+    check_ranges(cfg, path)
     cfg = scale_to_total_batch(cfg, cfg.TRANSFER.TOTAL_BATCH)
     cfg.defrost()
     if cfg.SOLVER.IMS_PER_BATCH % world_size:

@@ -163,6 +163,9 @@ def prepare(
         cfg.DATASETS.TEST = (test_dataset,)
     if not cfg.DATASETS.TEST:
         raise TransferError(config_file, "DATASETS.TEST is empty: nothing to evaluate on")
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise TransferError(config_file, "MODEL.DEVICE is cuda but no CUDA device is "
+                                         "available; set MODEL.DEVICE cpu")
     if evaluator:
         cfg.TRANSFER.EVALUATOR = evaluator
     if cfg.TRANSFER.EVALUATOR not in EVALUATORS:

@@ -427,6 +427,39 @@ def test_no_library_warning_reaches_the_terminal(weights: Path, coco: Path,
     assert proc.stderr.strip() == "", proc.stderr[-3000:]
 
 
+# ----- numbers out of range -------------------------------------------------------------------
+
+def _with(*extra: str, before: tuple[str, ...] = ()):
+    """A train command with ``before`` options and ``extra`` KEY VALUE overrides."""
+    def make(folder, weights, coco):
+        argv = _train(folder, weights, coco)
+        i = argv.index("--output-dir")
+        argv[i:i] = list(before)
+        argv += list(extra)
+        culprit = before[0] if before else str(DEMO)
+        return argv, culprit
+    return make
+
+
+CASES.update({
+    "--num-gpus 0": Case(_with(before=("--num-gpus", "0")), "must be >= 1"),
+    "--num-machines 0": Case(_with(before=("--num-machines", "0")), "must be >= 1"),
+    "--machine-rank past the machines": Case(_with(before=("--machine-rank", "3")),
+                                             "between 0 and"),
+    "MAX_ITER 0": Case(_with("SOLVER.MAX_ITER", "0"), "SOLVER.MAX_ITER must be >= 1"),
+    "batch 0": Case(_with("SOLVER.IMS_PER_BATCH", "0"), "SOLVER.IMS_PER_BATCH must be >= 1"),
+    "negative LR": Case(_with("SOLVER.BASE_LR", "-0.1"), "SOLVER.BASE_LR must be >= 0"),
+    "momentum past 1": Case(_with("SOLVER.MOMENTUM", "1.5"), "SOLVER.MOMENTUM must be between"),
+    "checkpoint period 0": Case(_with("SOLVER.CHECKPOINT_PERIOD", "0"), "CHECKPOINT_PERIOD"),
+    "seed past 32 bits": Case(_with("SEED", "9999999999"), "SEED must be between"),
+    "score threshold past 1": Case(_with("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "2.0"),
+                                   "SCORE_THRESH_TEST must be between"),
+    "no training sizes": Case(_with("INPUT.MIN_SIZE_TRAIN", "()"), "INPUT.MIN_SIZE_TRAIN"),
+    "negative workers": Case(_with("DATALOADER.NUM_WORKERS", "-1"), "NUM_WORKERS"),
+    "CUDA without a GPU": Case(_with("MODEL.DEVICE", "cuda"), "no CUDA device"),
+})
+
+
 def test_rle_length_reads_pycocotools_encodings() -> None:
     import numpy as np
     import pycocotools.mask as mask_util
@@ -486,6 +519,8 @@ def test_rle_masks_train_with_the_polygon_config_and_unreadable_images_are_skipp
 @pytest.mark.parametrize("name", list(CASES))
 def test_transfer_refuses_hostile_input_in_one_line(name: str, weights: Path, coco: Path,
                                                     tmp_path: Path, capsys, ledger) -> None:
+    if name == "CUDA without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     case = CASES[name]
     argv, culprit = case.make(tmp_path, weights, coco)
     before = snapshot(tmp_path)
