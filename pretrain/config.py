@@ -91,6 +91,8 @@ class DataConfig:
     workers: int = setting(8, ge=0, le=256)  # loader processes per training process
     max_bad_fraction: float = setting(0.01, ge=0.0, le=1.0)  # abort when more images fail
     min_scale: float = setting(0.08, gt=0.0, le=1.0)  # RandomResizedCrop lower bound
+    pipeline: str = "auto"  # auto | pil | tensor (auto: tensor on CUDA, PIL on the CPU)
+    cache: str = "none"     # none | device: decode a small dataset once, keep it on the device
 
 
 @dataclass
@@ -145,6 +147,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.export_branch": ("teacher", "student"),
     "model.method": ("m2t", "byol", "eman", "projector_only"),
     "train.nonfinite": ("stop", "skip"),
+    "data.pipeline": ("auto", "pil", "tensor"),
+    "data.cache": ("none", "device"),
 }
 
 

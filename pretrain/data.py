@@ -226,18 +226,31 @@ class ResumableDistributedSampler(DistributedSampler):
         return self.num_samples - self.start_index
 
 
-def build_loader(dataset: TwoViewDataset, batch_size: int, workers: int, rank: int,
+def build_loader(dataset: Dataset, batch_size: int, workers: int, rank: int,
                  world_size: int, epoch: int, start_batch: int, seed: int,
-                 pin_memory: bool = False) -> DataLoader:
+                 pin_memory: bool = False, collate_fn: Callable = collate_views) -> DataLoader:
     """Loader for one epoch, resuming after ``start_batch`` batches of it."""
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                           shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     sampler.start_index = start_batch * batch_size
-    dataset.set_epoch(epoch)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
     return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                  collate_fn=collate_views, drop_last=True, pin_memory=pin_memory,
+                  collate_fn=collate_fn, drop_last=True, pin_memory=pin_memory,
                   persistent_workers=False)
+
+
+def epoch_batches(num_images: int, batch_size: int, rank: int, world_size: int, epoch: int,
+                  start_batch: int, seed: int) -> list[list[int]]:
+    """The batches of positions :func:`build_loader`'s sampler gives this rank in ``epoch``,
+    after ``start_batch`` batches: the same order for a resident dataset as for files."""
+    sampler = ResumableDistributedSampler(range(num_images), num_replicas=world_size,
+                                          rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    sampler.start_index = start_batch * batch_size
+    order = list(sampler)
+    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:

@@ -26,7 +26,6 @@ from .data import (
     TwoViewDataset,
     Unreadable,
     available_cpus,
-    build_loader,
     check_same_classes,
     collate_labelled,
     describe_unreadable,
@@ -36,6 +35,7 @@ from .data import (
     with_transform,
 )
 from .errors import UserError
+from .feed import Feed
 from .knn import extract_features, knn_accuracy
 from .lars import LARS, split_bn_and_bias
 from .methods import StudentTeacher, build_method
@@ -209,10 +209,11 @@ class Trainer:
         random.seed(cfg.train.seed)
         self.dataset = TwoViewDataset(data, TwoViews(cfg.data.image_size, cfg.data.min_scale),
                                       seed=cfg.train.seed)
-        self.per_epoch = steps_per_epoch(len(self.dataset), cfg.data.batch_size,
+        self.feed = Feed(cfg, self.dataset, self.device, self.dist.main)
+        self.per_epoch = steps_per_epoch(self.feed.num_images, cfg.data.batch_size,
                                          self.dist.world_size)
         if self.per_epoch < 1:
-            raise UserError(f"{data}: {len(self.dataset)} images are fewer than one batch of "
+            raise UserError(f"{data}: {self.feed.num_images} images are fewer than one batch of "
                             f"{cfg.data.batch_size} per process × {self.dist.world_size} processes")
         self.knn_sets = self._knn_sets() if val is not None else None  # --val checked now
         self.total_steps, self.epochs = total_steps_for(cfg.train.epochs, cfg.train.steps,
@@ -395,6 +396,10 @@ class Trainer:
             log.print(f"warning: data.workers={cfg.data.workers} is more than the "
                       f"{available_cpus()} CPUs this process may use; loading may be slower "
                       f"than with data.workers={available_cpus()}")
+        if self.feed.unreadable_at_start:
+            log.print(f"warning: left out {len(self.feed.unreadable_at_start)} unreadable "
+                      f"image(s) of the resident copy: "
+                      f"{describe_unreadable(self.feed.unreadable_at_start)}")
         self.model.train()
         start_step, t0 = self.step, time.perf_counter()
         window_t, window_images = t0, 0
@@ -403,10 +408,8 @@ class Trainer:
         try:
             while self.step < stop_at:
                 epoch = self.step // self.per_epoch
-                loader = build_loader(self.dataset, cfg.data.batch_size, cfg.data.workers,
-                                      self.dist.rank, self.dist.world_size, epoch,
-                                      self.step % self.per_epoch, cfg.train.seed,
-                                      pin_memory=self.device.type == "cuda")
+                loader = self.feed.batches(self.dist.rank, self.dist.world_size, epoch,
+                                           self.step % self.per_epoch)
                 for v1, v2, bad in loader:
                     self._count_bad(bad, len(v1) + len(bad), log)
                     if len(v1) < 2:
