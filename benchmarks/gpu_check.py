@@ -187,8 +187,9 @@ def trainer(ctx: Ctx, *overrides: str):
     from pretrain.config import load_config
     from pretrain.train import Trainer
 
-    cfg = load_config(None, ["model.arch=resnet18", "model.proj_hidden_dim=256",
-                             "model.proj_dim=64", "data.image_size=32",
+    hidden = "64" if ctx.quick else "256"
+    cfg = load_config(None, ["model.arch=resnet18", f"model.proj_hidden_dim={hidden}",
+                             "model.proj_dim=32", "data.image_size=32",
                              f"data.batch_size={8 if ctx.quick else 16}",
                              "data.workers=0", "train.steps=20", f"train.device={ctx.device}",
                              *overrides])
@@ -317,7 +318,7 @@ def check_device_move(ctx: Ctx) -> dict[str, Any]:
 def check_amp(ctx: Ctx) -> dict[str, Any]:
     from pretrain.train import nonfinite_tensors
 
-    x1, x2 = views(8 if ctx.quick else 16, 32)
+    x1, x2 = views(4 if ctx.quick else 16, 32)
     ref = trainer(ctx).train_step(x1, x2)
     ref_loss = float(ref["loss"])
     rows, ok, out = [], True, {}
@@ -335,7 +336,7 @@ def check_amp(ctx: Ctx) -> dict[str, Any]:
 
 
 def check_channels_last(ctx: Ctx) -> dict[str, Any]:
-    x1, x2 = views(8 if ctx.quick else 16, 32)
+    x1, x2 = views(4 if ctx.quick else 16, 32)
     with exact_float32():
         a, b = trainer(ctx), trainer(ctx, "train.channels_last=true")
         la, lb = float(a.train_step(x1, x2)["loss"]), float(b.train_step(x1, x2)["loss"])
@@ -352,9 +353,10 @@ def check_train_resume_convert(ctx: Ctx) -> dict[str, Any]:
     from pretrain.checkpoint import load_checkpoint
 
     arch = "resnet18" if ctx.quick else "resnet50"
+    workers = 0 if ctx.quick else 2  # worker start-up dominates a quick CPU run
     args = [f"model.arch={arch}", "model.proj_hidden_dim=256", "model.proj_dim=64",
-            "data.image_size=32", "data.batch_size=16", "data.workers=2", "train.steps=6",
-            "train.log_every=2", f"train.device={ctx.device.type}"]
+            "data.image_size=32", "data.batch_size=16", f"data.workers={workers}",
+            "train.steps=6", "train.log_every=2", f"train.device={ctx.device.type}"]
     full, split = ctx.tmp / "run_full", ctx.tmp / "run_split"
     rc = [pretrain(["train", "--data", str(ctx.images), "--out", str(full), *args]),
           pretrain(["train", "--data", str(ctx.images), "--out", str(split), *args,
