@@ -106,7 +106,10 @@ def test_the_device_benchmark_runs_on_the_cpu(tmp_path: Path, coco_mini):
     proc = subprocess.run(
         [sys.executable, str(repo / "benchmarks" / "data_pipeline.py"), "--device", "cpu",
          "--batch", "4", "--timed-batches", "1", "--warm-batches", "1", "--rounds", "1",
-         "--workers", "1", "--sizes", "64", "--cifar-images", "16", "--out", str(tmp_path)],
+         "--workers", "1", "--sizes", "64", "--cifar-images", "16", "--out", str(tmp_path),
+         # the data the fixtures found ($MOMENTUM2_DATA), not the script's default beside it
+         "--images", str(coco_mini / "train2017"),
+         "--cifar", str(coco_mini.parent / "cifar10_mini" / "train")],
         capture_output=True, text=True, timeout=300, cwd=repo,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
