@@ -73,6 +73,8 @@ def setting(default: Any, ge: float | None = None, gt: float | None = None,
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"               # torchvision ResNet: resnet18/34/50/101/152
+    stem: str = "imagenet"               # imagenet (7×7/2 + max-pool) | cifar (3×3/1, no pool)
+    width: int = setting(64, ge=8, le=1024, why="64 is torchvision's ResNet")  # stage-1 channels
     method: str = "m2t"                  # see pretrain.methods.METHODS
     proj_hidden_dim: int = setting(4096, ge=1, le=65536)
     proj_dim: int = setting(256, ge=1, le=65536)
@@ -141,6 +143,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+    "model.stem": ("imagenet", "cifar"),
     "optim.name": ("sgd", "lars"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -57,14 +57,15 @@ class StudentTeacher(nn.Module):
         self.total_steps = total_steps
         self.base_momentum = m.base_momentum if m.base_momentum is not None else self.default_momentum
         self.residual_weight = m.residual_weight if m.residual else 0.0
-        self.student = Student(m.arch, m.proj_hidden_dim, m.proj_dim)
+        self.student = Student(m.arch, m.proj_hidden_dim, m.proj_dim, m.stem, m.width)
         self.teacher = self._make_teacher()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
     # ----- what varies between methods -----------------------------------------------------
     def _make_teacher(self) -> nn.Module:
-        teacher = Encoder(self.cfg.model.arch, self.cfg.model.proj_hidden_dim, self.cfg.model.proj_dim)
+        m = self.cfg.model
+        teacher = Encoder(m.arch, m.proj_hidden_dim, m.proj_dim, m.stem, m.width)
         teacher.load_state_dict(self.student.state_dict(), strict=False)  # step 0: T = S
         return teacher
 
