@@ -227,6 +227,11 @@ def scan(obj: Any) -> Contents:
     if isinstance(obj, Mapping) and obj.get("format") == OUR_FORMAT:
         meta = {k: obj.get(k) for k in ("format", "version", "method", "arch", "step", "epoch")}
         config = obj.get("config")
+        model = config.get("model") if isinstance(config, Mapping) else None
+        if isinstance(model, Mapping):  # what the config says, checked against the tensors
+            for key in ("stem", "width"):
+                if key in model:
+                    meta[key] = model[key]
         train = config.get("train") if isinstance(config, Mapping) else None
         for source in (obj, train if isinstance(train, Mapping) else {}):
             if source.get("export_branch") in ("teacher", "student"):

@@ -4,6 +4,10 @@ The steps, each in its own module: ``io`` reads the file safely; ``layouts`` fin
 backbones and chooses the branch; ``archs`` names the architecture and checks every tensor
 against torchvision's; ``naming`` renames for Detectron2; ``verify`` (optional) proves the
 result with Detectron2 itself. The returned summary is plain data; ``summary_lines`` words it.
+
+A CIFAR-stem or narrow/wide ResNet (``archs.Variant``, read from ``conv1.weight`` and checked
+against our checkpoint's ``config.model``) converts to a torchvision ``.pth`` only: Detectron2's
+ResNet cannot host it, so a ``.pkl`` is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -80,10 +84,11 @@ def _input_kind(contents: layouts.Contents, selection: layouts.Selection) -> str
     return kind
 
 
-def _backbone_state(tensors: Mapping[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+def _backbone_state(tensors: Mapping[str, torch.Tensor], arch: str,
+                    variant: archs.Variant = archs.STANDARD) -> dict[str, torch.Tensor]:
     """torchvision-ordered float32 backbone state; absent BN counters are written as 0."""
     state: dict[str, torch.Tensor] = {}
-    for key in archs.expected_shapes(arch):
+    for key in archs.expected_shapes(arch, *variant):
         tensor = tensors.get(key)
         if tensor is None:  # only num_batches_tracked can be absent (archs.check)
             tensor = torch.tensor(0, dtype=torch.long)
@@ -94,12 +99,19 @@ def _backbone_state(tensors: Mapping[str, torch.Tensor], arch: str) -> dict[str,
 
 
 def torchvision_load_report(state: Mapping[str, torch.Tensor], arch: str,
-                            device: str = "meta") -> tuple[list[str], list[str]]:
-    """(missing, unexpected) keys when ``torchvision.models.<arch>()`` loads ``state``."""
+                            device: str = "meta", stem: str = "imagenet",
+                            width: int = archs.STANDARD_WIDTH) -> tuple[list[str], list[str]]:
+    """(missing, unexpected) keys when ``torchvision.models.<arch>()`` loads ``state``.
+
+    ``stem``/``width``: load into that variant of the model (``archs.variant_model``).
+    """
+    variant = archs.Variant(stem, width)
     if device == "meta":
-        model = archs.meta_model(arch)
-    else:
+        model = archs.meta_model(arch, *variant)
+    elif variant.standard:
         model = getattr(torchvision.models, arch)()
+    else:
+        model = archs.variant_model(arch, stem, width, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # copying into meta tensors is a no-op: that's the idea
         result = model.load_state_dict(dict(state), strict=False)
@@ -125,12 +137,20 @@ class FoundBackbone:
     selection: layouts.Selection
     arch: str
     state: dict[str, torch.Tensor]   # torchvision keys and order, float32, no fc
+    variant: archs.Variant = archs.STANDARD   # stem and width, read from conv1.weight
+
+    @property
+    def name(self) -> str:
+        """'resnet18, CIFAR stem, width 16' (just 'resnet18' for torchvision's network)."""
+        return archs.name(self.arch, *self.variant)
 
 
 def read_backbone(source: str, branch: str | None = None, arch: str | None = None,
                   prefix: str | None = None, unsafe_load: bool = False) -> FoundBackbone:
     """Load ``source``, choose the backbone, name its architecture and check every tensor.
 
+    A CIFAR-stem or narrow/wide variant (``archs.variant_of``) is checked against that
+    variant's shapes and, in our checkpoints, against ``config.model.stem``/``width``.
     Raises ``ConversionError`` saying what was expected and what was found.
     """
     try:
@@ -164,17 +184,43 @@ def read_backbone(source: str, branch: str | None = None, arch: str | None = Non
     if contents.ours and declared and declared != detected:
         raise ConversionError(source, f"says arch {declared} but its tensors are a {detected} "
                                       f"({found})")
-    problems = archs.check(tensors, detected)
+    variant = archs.variant_of(tensors)
+    problems = archs.check(tensors, detected, *variant)
     if problems:
+        what = detected if variant.standard else f"{detected} ({variant.describe()})"
         raise ConversionError(source, f"backbone {selection.backbone.describe()} is not a "
-                                      f"torchvision {detected}: {'; '.join(problems)}")
-    state = _backbone_state(tensors, detected)
+                                      f"torchvision {what}: {'; '.join(problems)}")
+    if contents.ours:
+        _check_declared_variant(source, contents.meta, detected, variant,
+                                tuple(tensors["conv1.weight"].shape))
+    state = _backbone_state(tensors, detected, variant)
     bad = archs.non_finite(state)  # as written: float32 (a float64 1e300 is inf there)
     if bad is not None:
         raise ConversionError(source, f"backbone {selection.backbone.describe()} has non-finite "
                                       f"weights: {bad} (as float32); nothing was written: "
                                       f"convert a checkpoint from before the training diverged")
-    return FoundBackbone(contents, selection, detected, state)
+    return FoundBackbone(contents, selection, detected, state, variant)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_declared_variant(source: str, meta: Mapping[str, Any], arch: str,
+                            variant: archs.Variant, conv1: tuple[int, ...]) -> None:
+    """Refuse our checkpoint when its ``config.model.stem``/``width`` (where it records
+    them) disagree with the variant its tensors are."""
+    said = []
+    stem, width = meta.get("stem", variant.stem), meta.get("width", variant.width)
+    if not isinstance(stem, str) or stem != variant.stem:
+        said.append(f"model.stem {_shown(stem)}")
+    if not isinstance(width, int) or isinstance(width, bool) or width != variant.width:
+        said.append(f"model.width {_shown(width)}")
+    if said:
+        raise ConversionError(source, f"its config says {' and '.join(said)} but its tensors "
+                                      f"are a {archs.name(arch, *variant)} (conv1.weight "
+                                      f"{conv1}); the checkpoint was altered or mixed up")
 
 
 def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = None,
@@ -209,8 +255,11 @@ def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = Non
     found = read_backbone(source, branch=branch, arch=arch, prefix=prefix,
                           unsafe_load=unsafe_load)
     contents, selection, detected = found.contents, found.selection, found.arch
-    state = found.state
-    missing, unexpected = torchvision_load_report(state, detected)
+    state, variant = found.state, found.variant
+    if chosen_format == "d2" and not variant.standard:
+        raise ConversionError(source, f"backbone {selection.backbone.describe()} "
+                                      f"{archs.detectron2_refusal(detected, *variant)}")
+    missing, unexpected = torchvision_load_report(state, detected, "meta", *variant)
     meta = {"source": source, "branch": selection.branch, "arch": detected,
             "prefix": selection.backbone.found_as}
     report = None
@@ -228,10 +277,12 @@ def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = Non
 
     def prove(tmp: Path) -> None:
         nonlocal report
-        from .verify import verify_detectron2
+        from .verify import verify_detectron2, verify_torchvision
 
         if chosen_format == "d2":
             report = verify_detectron2(tmp, detected, reference=state)
+        elif not variant.standard:  # Detectron2 cannot host it: torchvision's check only
+            report = verify_torchvision(tmp, detected, state, *variant)
         else:
             tv_missing, tv_unexpected = torchvision_load_report(
                 torch.load(tmp, weights_only=True), detected, device="cpu")
@@ -247,9 +298,10 @@ def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = Non
             raise VerificationError(out, report)
 
     # The sidecar names the output's final path (a link given as output is replaced, not
-    # followed): resolve the folder, not the file.
-    config = detectron2_config_yaml(archs.depth(detected),
-                                    weights=str(out.parent.resolve() / out.name))
+    # followed): resolve the folder, not the file. A variant has no Detectron2 config.
+    config = (detectron2_config_yaml(archs.depth(detected),
+                                     weights=str(out.parent.resolve() / out.name))
+              if variant.standard else None)
     files = [(out, write)]
     if sidecar is not None:
         header = f"# Detectron2 settings required by {out.name} (written by m2t-convert)\n"
@@ -265,6 +317,9 @@ def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = Non
         "branch": selection.branch,
         "note": selection.note,
         "arch": detected,
+        "stem": variant.stem,
+        "width": variant.width,
+        "variant": found.name,
         "structure": archs.describe(*archs.RESNETS[detected]),
         "tensors_written": written,
         "tensors_in_file": contents.tensor_count,
@@ -290,7 +345,7 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     ]
     if summary["note"]:
         lines.append(f"          {summary['note']}")
-    lines.append(f"arch:     {summary['arch']} ({summary['structure']})")
+    lines.append(f"arch:     {summary.get('variant', summary['arch'])} ({summary['structure']})")
     what = "Detectron2 pickle" if summary["format"] == "d2" else "torchvision state dict"
     lines.append(f"wrote:    {summary['output']}: {what}, {summary['tensors_written']} tensors")
     dropped = [f"{group} ({count})" for group, count in summary["not_exported"].items()]
@@ -301,16 +356,27 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     if dropped:
         shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
         lines.append(f"dropped:  {shown}")
+    variant = archs.Variant(summary.get("stem", "imagenet"),
+                            summary.get("width", archs.STANDARD_WIDTH))
     if summary["format"] == "torchvision":
         missing = ", ".join(summary["torchvision_missing"]) or "nothing"
-        lines.append(f"torchvision.models.{summary['arch']}() loads it; missing: {missing}"
+        model = f"torchvision.models.{summary['arch']}()"
+        if not variant.standard:
+            model += (f" rebuilt with {variant.describe()} ({archs.stem_text(*variant)}; "
+                      f"torchvision's module names)")
+        lines.append(f"{model} loads it; missing: {missing}"
                      + (f"; unexpected: {summary['torchvision_unexpected']}"
                         if summary["torchvision_unexpected"] else ""))
-    if summary["config_yaml"]:
+    if summary["detectron2_config"] is None:
+        lines.append(f"Detectron2: cannot host a {summary.get('variant', summary['arch'])} "
+                     f"(its ResNet stem is a 7×7 stride-2 conv with max-pool, 64 channels); "
+                     f"use these weights as a torchvision backbone")
+    elif summary["config_yaml"]:
         lines.append(f"Detectron2 config the weights require (also in {summary['config_yaml']}):")
     else:
         lines.append("Detectron2 config these weights require once converted to a .pkl:")
-    lines += ["  " + line for line in summary["detectron2_config"].splitlines()]
+    if summary["detectron2_config"] is not None:
+        lines += ["  " + line for line in summary["detectron2_config"].splitlines()]
     lines += [f"verify:   {line}" for line in summary["verify_lines"]]
     return lines
 

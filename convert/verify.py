@@ -12,6 +12,11 @@ without it. The check (SPEC §3):
 4. Run a random batch through a torchvision ResNet holding the reference weights and through
    the Detectron2 bottom-up network, both in eval mode, and compare ``layer1..layer4`` with
    ``res2..res5``.
+
+A CIFAR-stem or narrow/wide backbone has no Detectron2 counterpart; its ``.pth`` is proven by
+``verify_torchvision`` instead: the file loads into torchvision's network with that stem and
+width (``archs.variant_model``), every tensor equal to the checkpoint's, and a random batch
+runs through it to finite stage outputs of the expected shapes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 import torchvision
 
 from . import archs
+from .archs import Variant
 from .errors import ConversionError
 from .naming import detectron2_resnet_settings, detectron2_to_torchvision
 
@@ -238,4 +244,106 @@ def verify_detectron2(pkl_path: str | Path, arch: str,
     for stage in STAGES:
         if stage in got and got[stage].shape == expected[stage].shape:
             report.max_abs_diff[stage] = float((got[stage] - expected[stage]).abs().max())
+    return report
+
+
+@dataclass
+class TorchvisionReport:
+    """Outcome of ``verify_torchvision``, worded like ``VerifyReport``."""
+
+    path: str
+    arch: str
+    stem: str
+    width: int
+    model_tensors: int = 0              # backbone entries the model registers (fc excluded)
+    loaded: int = 0                     # of those, loaded from the file with the right values
+    not_loaded: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)   # file keys the model did not take
+    stage_shapes: dict[str, list[int]] = field(default_factory=dict)
+    expected_stage_shapes: dict[str, list[int]] = field(default_factory=dict)  # on meta
+    finite: bool = False
+    image_size: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return (self.model_tensors > 0 and self.loaded == self.model_tensors
+                and not self.not_loaded and not self.unmatched and self.finite
+                and len(self.stage_shapes) == len(STAGES)
+                and self.stage_shapes == self.expected_stage_shapes)
+
+    def lines(self) -> list[str]:
+        def names(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
+
+        model = archs.name(self.arch, self.stem, self.width)
+        lines = [f"torchvision {model} loaded {self.loaded}/{self.model_tensors} backbone "
+                 f"tensors from the file, equal to the checkpoint's; "
+                 f"{len(self.unmatched)} unmatched"]
+        if self.not_loaded:
+            lines.append(f"not loaded: {names(self.not_loaded)}")
+        if self.unmatched:
+            lines.append(f"unmatched in the file: {names(self.unmatched)}")
+        if self.stage_shapes:
+            last = self.stage_shapes.get(STAGES[-1])
+            shaped = ("of the expected shapes" if self.stage_shapes == self.expected_stage_shapes
+                      else f"NOT of the expected shapes {self.expected_stage_shapes}")
+            lines.append(f"{self.image_size} px batch: layer1..4 outputs "
+                         f"{'finite' if self.finite else 'NOT finite'}, {shaped}"
+                         + (f", layer4 {tuple(last)}" if last else ""))
+        lines.append("Detectron2 check skipped: its ResNet cannot host a "
+                     f"{Variant(self.stem, self.width).describe()} backbone")
+        lines.append("verification " + ("passed" if self.ok else "FAILED"))
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def verify_torchvision(pth_path: str | Path, arch: str, reference: Mapping[str, torch.Tensor],
+                       stem: str = "imagenet", width: int = archs.STANDARD_WIDTH,
+                       seed: int = 0) -> TorchvisionReport:
+    """Load the ``.pth`` at ``pth_path`` into torchvision's ``arch`` with this stem and width.
+
+    Every backbone tensor the model registers must come from the file and equal
+    ``reference`` (the state it was written from); then a random batch (32 px for the CIFAR
+    stem, 64 px otherwise) must give finite ``layer1..layer4`` outputs.
+    """
+    path = str(pth_path)
+    image_size = 32 if stem == "cifar" else 64
+    report = TorchvisionReport(path=path, arch=arch, stem=stem, width=width,
+                               image_size=image_size)
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file it cannot read
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(path, f"cannot read back as a torchvision state dict "
+                                    f"({first})") from None
+    if not isinstance(stored, dict):
+        raise ConversionError(path, "not a state dict")
+    model = archs.variant_model(arch, stem, width, device="cpu")
+    model.fc = torch.nn.Identity()
+    keys = list(model.state_dict())
+    report.model_tensors = len(keys)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    fitting = {k: v for k, v in stored.items()
+               if k in shapes and isinstance(v, torch.Tensor) and v.shape == shapes[k]}
+    result = model.load_state_dict(fitting, strict=False)
+    report.unmatched = [k for k in stored if k not in fitting]
+    state = model.state_dict()
+    for key in keys:
+        if (key not in result.missing_keys and key in reference
+                and torch.equal(state[key], reference[key])):
+            report.loaded += 1
+        else:
+            report.not_loaded.append(key)
+    model.eval()
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        outputs = _torchvision_stages(model, x)
+    report.finite = all(bool(torch.isfinite(v).all()) for v in outputs.values())
+    report.stage_shapes = {k: list(v.shape) for k, v in outputs.items()}
+    with torch.no_grad():  # the shapes the variant has by construction, computed on meta
+        shapes = _torchvision_stages(archs.variant_model(arch, stem, width).eval(),
+                                     x.to("meta"))
+    report.expected_stage_shapes = {k: list(v.shape) for k, v in shapes.items()}
     return report
