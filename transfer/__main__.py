@@ -3,6 +3,8 @@
 Sub-commands::
 
     m2t-transfer train    --config NAME_OR_PATH --weights model.pkl [options] [KEY VALUE ...]
+    m2t-transfer train    ... --slurm [--nodes N --gpus-per-node G --time MIN ... --wait]
+    m2t-transfer train    ... --seeds 0 1 2 [--methods NAME=WEIGHTS ...] [--slurm ...]
     m2t-transfer eval     --config NAME_OR_PATH --weights model_final.pth [options] [KEY VALUE ...]
     m2t-transfer evaluate --dataset NAME_OR_JSON --predictions results.json [--output-dir DIR]
                           [--evaluator fast|official]
@@ -31,9 +33,9 @@ $DETECTRON2_DATASETS; any COCO-format JSON can be given by path instead.
 def _add_run_options(p: argparse.ArgumentParser, train: bool) -> None:
     p.add_argument("--config", required=True,
                    help="config name (see `m2t-transfer configs`) or path to a Detectron2 YAML")
-    p.add_argument("--weights", required=True,
+    p.add_argument("--weights", required=not train,
                    help="Detectron2 weights: a .pkl from m2t-convert"
-                        + (" " if train else ", or model_final.pth of a run"))
+                        + (" (or --methods)" if train else ", or model_final.pth of a run"))
     p.add_argument("--output-dir", help="run directory (default output/transfer/CONFIG/METHOD)")
     p.add_argument("--dataset-root", help="folder holding coco/ and lvis/ (default "
                                           "$DETECTRON2_DATASETS)")
@@ -59,6 +61,12 @@ def _add_run_options(p: argparse.ArgumentParser, train: bool) -> None:
         p.add_argument("--resume", action="store_true",
                        help="continue from the last checkpoint in --output-dir")
     _add_evaluator_option(p)
+    if train:
+        from .slurm import add_job_options
+        from .sweep import add_sweep_options
+
+        add_job_options(p)
+        add_sweep_options(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="config overrides, after all options")
 
@@ -113,6 +121,21 @@ def _check_launch(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from . import slurm, sweep
+
+        sweep.split_overrides(args)
+        opts = slurm.check_job_options(args)
+        if sweep.wants_sweep(args):
+            if opts is None:
+                _check_launch(args)
+            return sweep.run_sweep(args, opts)
+        if args.weights is None:
+            from .errors import TransferError
+
+            raise TransferError("--weights", "required (or --methods NAME=WEIGHTS ...)")
+        if opts is not None:
+            return slurm.submit_training(args, opts)
     if args.command in ("train", "eval"):
         _check_launch(args)
         from .report import run_table

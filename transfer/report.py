@@ -13,8 +13,10 @@ and ``pr_curves`` (precision at recall 0, 0.01, ..., 1, averaged over categories
 IoU 0.50 and 0.75, and small / medium / large over IoU 0.50:0.95), per task.
 :func:`write_report` reads several run directories and writes ``report.md`` (one table per
 config and test set, one row per pretraining method, mean ± std over the runs, i.e. seeds,
-then the per-category AP of each method, LVIS's by frequency group) and ``report.png`` (the
-headline numbers as bars with std error bars, and the precision–recall curves of each method).
+and when a method has several, each run's values; then the per-category AP of each method,
+LVIS's by frequency group), ``report.json`` (the same numbers at full precision) and
+``report.png`` (the headline numbers as bars with std error bars, and the precision–recall
+curves of each method).
 """
 
 from __future__ import annotations
@@ -232,6 +234,7 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[s
 
     Returns ``{(config, test set): {"metrics": [(task, name), ...], "categories": [...],
     "rows": {method: {"n": runs, "seeds": [...], (task, name): (mean, std) or None,
+    "per_run": [{"seed", "run_dir", "values": {(task, name): value or None}}, ...],
     "per_category": {task: {category id: mean AP}}, "curves": {task: {curve: [mean
     precision at each recall]}}}}}}`` (the last two from the runs that have them).
     """
@@ -255,6 +258,9 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[s
                 values = [r[task][name] for r in method_runs
                           if r.get(task, {}).get(name) is not None]
                 row[(task, name)] = mean_std(values) if values else None
+            row["per_run"] = [{"seed": r.get("seed"), "run_dir": r.get("run_dir"),
+                               "values": {m: r.get(m[0], {}).get(m[1]) for m in metrics}}
+                              for r in method_runs]
             row["per_category"] = {t: _mean_by_key([_category_ap(r, t) for r in method_runs])
                                    for t in TASKS if any(t in r.get("per_category", {})
                                                          for r in method_runs)}
@@ -293,6 +299,41 @@ def _fmt_mean_std(cell: tuple[float, float | None] | None) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
+def per_run_table(group: Mapping[str, Any]) -> list[str]:
+    """Markdown lines of the values behind a group's means: one row per run (seed)."""
+    metrics = group["metrics"]
+    lines = ["Per seed:", "",
+             "| method | seed | " + " | ".join(f"{n}<sup>{TASK_LABEL[t]}</sup>"
+                                              for t, n in metrics) + " |",
+             "|---|---:|" + "---:|" * len(metrics)]
+    for method, row in group["rows"].items():
+        for run in row["per_run"]:
+            seed = "–" if run["seed"] is None else str(run["seed"])
+            lines.append(f"| {method} | {seed} | "
+                         + " | ".join(_fmt(run["values"][m]) for m in metrics) + " |")
+    return lines + [""]
+
+
+def summary_json(summary: Mapping[tuple[str, str], Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`summarize` as JSON data: one entry per (config, test set), one per method
+    inside, each metric as ``{"mean", "std", "values": [one per run]}`` (full precision)."""
+    out = []
+    for (config, dataset), group in summary.items():
+        methods = {}
+        for method, row in group["rows"].items():
+            metrics: dict[str, dict[str, Any]] = {}
+            for task, name in group["metrics"]:
+                cell = row[(task, name)]
+                metrics.setdefault(task, {})[name] = {
+                    "mean": cell[0] if cell else None, "std": cell[1] if cell else None,
+                    "values": [run["values"][(task, name)] for run in row["per_run"]]}
+            methods[method] = {"runs": row["n"], "seeds": row["seeds"],
+                               "run_dirs": [run["run_dir"] for run in row["per_run"]],
+                               "metrics": metrics}
+        out.append({"config": config, "test_dataset": dataset, "methods": methods})
+    return out
+
+
 def summary_markdown(summary: Mapping[tuple[str, str], Mapping[str, Any]]) -> str:
     """The Markdown of :func:`summarize`: one section per (config, test set)."""
     lines = ["# Transfer results", ""]
@@ -306,6 +347,8 @@ def summary_markdown(summary: Mapping[tuple[str, str], Mapping[str, Any]]) -> st
             cells = [method, str(row["n"])] + [_fmt_mean_std(row[m]) for m in metrics]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if any(row["n"] > 1 for row in group["rows"].values()):
+            lines += per_run_table(group)
         columns = [(f"{method} AP<sup>{TASK_LABEL[t]}</sup>", row["per_category"][t])
                    for t in TASKS for method, row in group["rows"].items()
                    if t in row.get("per_category", {})]
@@ -374,7 +417,8 @@ def plot_summary(summary: Mapping[tuple[str, str], Mapping[str, Any]], path: Pat
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[Path, Path]:
-    """Put the runs in ``run_dirs`` side by side: ``<out>/report.md`` and ``<out>/report.png``."""
+    """Put the runs in ``run_dirs`` side by side: ``<out>/report.md`` and ``<out>/report.png``
+    (and ``<out>/report.json``: the same numbers at full precision, :func:`summary_json`)."""
     found = find_runs(run_dirs)
     out_dir = Path(out)
     for results in found:
@@ -387,9 +431,10 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[Path,
     summary = summarize(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, png = out_dir / "report.md", out_dir / "report.png"
-    text = summary_markdown(summary)
-    partial = md.with_name(f".{md.name}.partial")
-    partial.write_text(text)
-    partial.replace(md)  # never half a report
+    for path, text in ((md, summary_markdown(summary)),
+                       (md.with_suffix(".json"), json.dumps(summary_json(summary), indent=2))):
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(text)
+        partial.replace(path)  # never half a report
     plot_summary(summary, png)
     return md, png

@@ -18,16 +18,18 @@ import functools
 import json
 import logging
 import os
+import random
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_setup, launch
+from detectron2.engine import DefaultTrainer, HookBase, default_setup, launch
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
@@ -54,7 +56,17 @@ class Trainer(DefaultTrainer):
     It also runs multi-process on CPUs (gloo): Detectron2 wraps the model in
     ``DistributedDataParallel(device_ids=[local rank])``, which PyTorch refuses for a CPU
     module, so on CPU the wrapper is created with ``device_ids=None``.
+
+    A resumed run goes on as if it had not stopped: its checkpoints also hold the random
+    state (torch, numpy, Python; the GPU's), and on resuming the training data stream is
+    replayed up to the checkpoint's iteration (with a fixed ``SEED``: the stream restarts
+    from its seed, then the batches already trained on are skipped) before that state is put
+    back. On one process on the CPU, an interrupted and resumed run ends with the same
+    weights, bit for bit, as an uninterrupted one; with several processes every rank
+    continues its data stream, and rank 0 its random state.
     """
+
+    _resumed_rng: dict[str, Any] | None = None
 
     def __init__(self, cfg: CfgNode) -> None:
         if comm.get_world_size() > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
@@ -62,6 +74,30 @@ class Trainer(DefaultTrainer):
                 super().__init__(cfg)
         else:
             super().__init__(cfg)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["rng"] = rng_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._resumed_rng = state_dict.get("rng")
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Detectron2's, then (when it resumed) the data stream continued where it stopped."""
+        self._resumed_rng = None
+        super().resume_or_load(resume=resume)
+        if self.start_iter == 0 or self.start_iter >= self.max_iter:
+            return
+        skip = self.start_iter if self.cfg.SEED >= 0 else 0  # no seed: nothing to replay
+        rng = self._resumed_rng if comm.get_rank() == 0 else None  # rank 0's state is saved
+        if skip:
+            logging.getLogger("detectron2.transfer").info(
+                "resuming at iteration %d: replaying the data stream of SEED %d past the %d "
+                "batches already trained on, so that the run goes on as if uninterrupted",
+                self.start_iter, self.cfg.SEED, skip)
+        self.data_loader = ContinuedStream(self.data_loader, skip, rng)
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
@@ -107,6 +143,56 @@ class SkippingMapper(DatasetMapper):
             return None
 
 
+class ContinuedStream:
+    """A training data loader that, when iterated, first draws and drops ``skip`` batches,
+    then puts back the random state ``rng`` (see :func:`rng_state`), then yields the rest.
+
+    The loader's iterator is created exactly where the uninterrupted run created its own (at
+    the first step, from the same seeded state), so its sampler, its augmentations and its
+    workers' seeds give the same batches in the same order.
+    """
+
+    def __init__(self, loader: Iterable[Any], skip: int, rng: dict[str, Any] | None) -> None:
+        self.loader = loader
+        self.skip = skip
+        self.rng = rng
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = iter(self.loader)
+        for _ in range(self.skip):
+            next(batches)
+        if self.rng is not None:
+            set_rng_state(self.rng)
+        yield from batches
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random state (torch, numpy, Python and the current GPU's), in types
+    that ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
+        "python": [version, list(internal), gauss],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back a state of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 @contextlib.contextmanager
 def _cpu_ddp() -> Iterator[None]:
     """Within the block, Detectron2's ``create_ddp_model`` passes ``device_ids=None``."""
@@ -148,14 +234,20 @@ def prepare(
     resume: bool = False,
     unsafe_load: bool = False,
     evaluator: str | None = None,
+    device: str | None = None,
 ) -> Job:
     """Check all input of a train/eval run and build its final, frozen config.
+
+    ``device``: the run's ``MODEL.DEVICE`` when it runs on other machines (a SLURM job):
+    set before the SyncBN choice, and not checked against this machine's devices.
 
     Raises :class:`TransferError` (one line, naming the offending path) on bad input:
     unknown config, bad override, missing dataset root/JSON/images, a JSON not in COCO
     format, weights that do not fit the backbone.
     """
     config_file = resolve_config(config)
+    if device:
+        overrides = [*overrides, "MODEL.DEVICE", device]
     cfg = load_config(config, overrides, world_size=world_size, unsafe_load=unsafe_load)
     if train_dataset:
         cfg.DATASETS.TRAIN = (train_dataset,)
@@ -163,7 +255,7 @@ def prepare(
         cfg.DATASETS.TEST = (test_dataset,)
     if not cfg.DATASETS.TEST:
         raise TransferError(config_file, "DATASETS.TEST is empty: nothing to evaluate on")
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    if not device and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise TransferError(config_file, "MODEL.DEVICE is cuda but no CUDA device is "
                                          "available; set MODEL.DEVICE cpu")
     if evaluator:
@@ -305,8 +397,10 @@ def _method_of(weights: Path) -> str:
     return weights.stem
 
 
-def run_job(job: Job) -> None:
-    """The body of every worker process: train (then test) or only test, then write results."""
+def run_job(job: Job, hooks: Sequence[HookBase] = ()) -> None:
+    """The body of every worker process: train (then test) or only test, then write results.
+
+    ``hooks`` go after the trainer's own (a SLURM job's stop-at-a-boundary hook)."""
     for spec in job.datasets:
         register_dataset(spec)
     cfg = job.cfg
@@ -316,6 +410,7 @@ def run_job(job: Job) -> None:
         trainer = Trainer(cfg)
         # reads weights and resumed checkpoints without unpickling code (saving is unchanged)
         trainer.checkpointer = SafeCheckpointer.replacing(trainer.checkpointer, job.unsafe_load)
+        trainer.register_hooks(list(hooks))
         trainer.resume_or_load(resume=job.resume)
         trainer.train()
         raw = getattr(trainer, "_last_eval_results", None)
