@@ -2,6 +2,7 @@
 
     m2t-pretrain train --config configs/pretrain/resnet18_cifar.yaml --data DIR --out RUN [key=value ...]
     torchrun --nproc_per_node 8 -m pretrain train --config ... --data DIR --out RUN
+    m2t-pretrain train --config ... --data DIR --out RUN --slurm --nodes 4 --partition P
 """
 
 from __future__ import annotations
@@ -53,6 +54,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shorthand for train.device=...")
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.epochs=5 data.batch_size=64")
+    j = t.add_argument_group(
+        "SLURM", "submit the run as a job (submitit) instead of running it here; one task "
+                 "(rank) per GPU; requeued with a checkpoint before a time limit or preemption")
+    j.add_argument("--slurm", action="store_true", help="submit; print the job id and return")
+    j.add_argument("--cluster", choices=("slurm", "local"),
+                   help="slurm (default: sbatch) or local (submitit's local executor: the "
+                        "tasks as processes on this machine, e.g. a dry run)")
+    j.add_argument("--nodes", type=int, metavar="N", help="default 1")
+    j.add_argument("--gpus-per-node", type=int, metavar="N",
+                   help="default 8; 0: a CPU job (gloo)")
+    j.add_argument("--tasks-per-node", type=int, metavar="N",
+                   help="default: one per GPU (1 for a CPU job)")
+    j.add_argument("--cpus-per-task", type=int, metavar="N")
+    j.add_argument("--mem-gb", type=float, metavar="GB", help="memory per node")
+    j.add_argument("--time", type=int, metavar="MINUTES",
+                   help="the job's time limit (default 1440); the run goes on in a requeued "
+                        "job")
+    j.add_argument("--partition")
+    j.add_argument("--account")
+    j.add_argument("--qos")
+    j.add_argument("--constraint")
+    j.add_argument("--wait", action="store_true",
+                   help="wait for the job (and its requeues) to end and print the result")
     for name, what in (("knn", "kNN top-1 (cosine, temperature-weighted votes)"),
                        ("linear", "linear probe top-1/top-5 on frozen features")):
         e = sub.add_parser(name, help=f"{what} of a run's teacher and/or student backbone")
@@ -98,6 +122,15 @@ def check_train_args(args: argparse.Namespace) -> None:
     check_range("--profile", args.profile, Range(low=0, why="0: no trace"))
 
 
+def slurm_options(args: argparse.Namespace) -> dict[str, object]:
+    """The job options of ``train`` as given (None: not given), by their flag."""
+    names = ("cluster", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb",
+             "time", "partition", "account", "qos", "constraint")
+    given = {f"--{n.replace('_', '-')}": getattr(args, n) for n in names}
+    given["--wait"] = True if args.wait else None
+    return given
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate as ev
 
@@ -130,6 +163,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer, check_device, resume_config
 
     check_train_args(args)
+    job = None
+    if args.slurm or any(v is not None for v in slurm_options(args).values()):
+        from .slurm import check_job_options  # submitit is imported for --slurm only
+
+        job = check_job_options(args.slurm, slurm_options(args))
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"train.device={args.device}")
@@ -138,6 +176,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(args.out, overrides)
     else:
         cfg = load_config(resolve_config_path(args.config), overrides)
+    if job is not None:
+        from .slurm import submit
+
+        return submit(job, cfg, overrides, resume, data=args.data, out=args.out, val=args.val,
+                      stop_after=args.stop_after, profile=args.profile, wait=args.wait)
     check_device(cfg.train.device)
     trainer = Trainer(cfg, args.data, args.out, val=args.val, resume=resume,
                       stop_after=args.stop_after, profile_steps=args.profile)

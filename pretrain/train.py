@@ -8,6 +8,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,9 @@ class Trainer:
         self.data, self.val = data, val
         self.stop_after = stop_after
         self.profile_steps = profile_steps
+        # asked after every step (by every rank, in step): True ends the run there, with
+        # last.pth saved, as stop_after does (pretrain/slurm.py: preemption, time limit)
+        self.stop_requested: Callable[[], bool] | None = None
         check_out(self.out, data, val)
         ckpt = None
         last = self.out / "last.pth"
@@ -431,6 +435,8 @@ class Trainer:
                                                             start_step, t0)
                     if cfg.train.save_every_steps and self.step % cfg.train.save_every_steps == 0:
                         self.save()
+                    if self.stop_requested is not None and self.stop_requested():
+                        stop_at = self.step
                     if self.step >= stop_at or self.step % self.per_epoch == 0:
                         break
                 if self.step % self.per_epoch == 0 or self.step >= self.total_steps:
