@@ -9,7 +9,7 @@ from .momentum_bn import (
     commit_momentum_bn,
     convert_to_momentum_bn,
 )
-from .schedules import cosine_momentum, warmup_cosine_lr
+from .schedules import cosine_momentum, cosine_schedule, warmup_cosine_lr
 
 __all__ = [
     "MomentumBatchNorm1d",
@@ -18,6 +18,7 @@ __all__ = [
     "commit_momentum_bn",
     "convert_to_momentum_bn",
     "cosine_momentum",
+    "cosine_schedule",
     "symmetric_byol_loss",
     "update_ema",
     "warmup_cosine_lr",

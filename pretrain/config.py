@@ -1,22 +1,31 @@
 """Pretraining configuration: typed dataclasses, loaded from YAML, overridden by ``key=value``.
 
-Defaults live here and only here. A YAML file in ``configs/pretrain/`` sets what differs from
-them; command-line overrides like ``train.epochs=5`` or ``optim.name=lars`` come last. The
-resolved config is printed at start and saved as ``config.yaml`` in the run directory.
+Defaults live here and only here: the dataclasses are the OmegaConf structured schema. A YAML
+file in ``configs/pretrain/`` sets what differs from them; command-line overrides like
+``train.epochs=5`` or ``optim.name=lars`` come last. OmegaConf merges the layers and builds the
+dataclass instances; ranges (``setting``) are checked after the merge. The resolved config is
+printed at start and saved as ``config.yaml`` in the run directory.
+
+Each value is checked before OmegaConf sees it, as strictly as the schema's Python types: left
+alone, OmegaConf would turn ``1`` into ``True``, ``5`` into ``"5"`` and ``"64"`` into ``64``,
+resolve ``${...}`` interpolations, and expand a YAML alias bomb that ``yaml.safe_load`` keeps
+as shared references.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import reprlib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
 
@@ -75,7 +84,7 @@ class ModelConfig:
     arch: str = "resnet50"               # torchvision ResNet: resnet18/34/50/101/152
     stem: str = "imagenet"               # imagenet (7×7/2 + max-pool) | cifar (3×3/1, no pool)
     width: int = setting(64, ge=8, le=1024, why="64 is torchvision's ResNet")  # stage-1 channels
-    method: str = "m2t"                  # see pretrain.methods.METHODS
+    method: str = "m2t"                  # any name registered in pretrain.methods (@register)
     proj_hidden_dim: int = setting(4096, ge=1, le=65536)
     proj_dim: int = setting(256, ge=1, le=65536)
     # teacher EMA m0; None → the method's default
@@ -141,18 +150,32 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
+SECTIONS = ("model", "data", "optim", "train")
+
+CHOICES: dict[str, tuple[str, ...]] = {  # model.method: the registry (see ``choices``)
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
     "model.stem": ("imagenet", "cifar"),
     "optim.name": ("sgd", "lars"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.export_branch": ("teacher", "student"),
-    "model.method": ("m2t", "byol", "eman", "projector_only"),
     "train.nonfinite": ("stop", "skip"),
     "data.pipeline": ("auto", "pil", "tensor"),
     "data.cache": ("none", "device"),
 }
+
+
+def choices(key: str) -> tuple[str, ...] | None:
+    """The values the string setting ``key`` may take, if they are a fixed list.
+
+    ``model.method``: every name registered in ``pretrain.methods`` (the default first), looked
+    up when asked, so that registering a method class makes it selectable.
+    """
+    if key == "model.method":
+        from .methods import method_names  # here, not above: methods imports this module
+
+        return tuple(sorted(method_names(), key=lambda name: (name != ModelConfig.method, name)))
+    return CHOICES.get(key)
 
 
 _SHORT = reprlib.Repr()
@@ -164,8 +187,16 @@ def short_repr(value: Any) -> str:
     return _SHORT.repr(value)
 
 
-def _valid_keys(section: Any) -> list[str]:
-    return [f.name for f in dataclasses.fields(section)]
+@functools.cache
+def _schema() -> dict[str, dict[str, Any]]:
+    """The type of every setting, by section and name (``X | None`` for an optional one)."""
+    return {s: typing.get_type_hints(type(getattr(Config(), s))) for s in SECTIONS}
+
+
+@functools.cache
+def _defaults() -> Any:
+    """The schema with its defaults, as OmegaConf's structured config (merge copies it)."""
+    return OmegaConf.structured(Config)
 
 
 def range_of(key: str) -> Range | None:
@@ -186,58 +217,82 @@ def check_range(what: str, value: Any, allowed: Range | None) -> None:
     raise UserError(f"{what} must be {finite}{allowed}, got {short_repr(value)}{why}")
 
 
-def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
-    hint = annotation
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):  # X | None
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        hint = args[0]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    raise UserError(f"{source}: {key} must be {getattr(hint, '__name__', hint)}, "
-                    f"got {short_repr(value)}")
+def _kind(hint: Any) -> type:
+    """The type a setting holds when set: ``float`` for ``float`` and for ``float | None``."""
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
 
 
-def _apply(cfg: Config, key: str, value: Any, source: str, ranges: bool = True) -> None:
-    """Set ``key`` to ``value`` after checking its type, choices and (if ``ranges``) range."""
-    parts = key.split(".")
-    sections = _valid_keys(cfg)
-    if len(parts) != 2 or parts[0] not in sections:
-        all_keys = [f"{s}.{k}" for s in sections for k in _valid_keys(getattr(cfg, s))]
-        raise UserError(f"{source}: unknown config key {key!r}; valid keys: "
-                        f"{', '.join(all_keys)}")
-    section = getattr(cfg, parts[0])
-    hints = typing.get_type_hints(type(section))
-    if parts[1] not in hints:
-        raise UserError(f"{source}: unknown config key {key!r}; valid keys in {parts[0]}: "
-                        f"{', '.join(_valid_keys(section))}")
-    value = _coerce(key, value, hints[parts[1]], source)
-    if key in CHOICES and value not in CHOICES[key]:
-        raise UserError(f"{source}: {key} must be one of {', '.join(CHOICES[key])}, "
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as YAML reads it) may be given to a setting of type ``hint``."""
+    kind = _kind(hint)
+    if value is None:
+        return type(None) in typing.get_args(hint)
+    if isinstance(value, bool) or kind is bool:  # to Python a bool is an int; not here
+        return isinstance(value, bool) and kind is bool
+    if kind is float and isinstance(value, (int, str)):  # YAML 1.1 reads 1e-4 as a string
+        try:
+            float(value)
+        except (ValueError, OverflowError):
+            return False
+        return True
+    return isinstance(value, kind)
+
+
+def _check(key: str, value: Any, source: str) -> None:
+    """Refuse an unknown key, a value of another type or a string outside the choices.
+
+    Every string setting has choices, so no ``${...}`` interpolation reaches OmegaConf.
+    """
+    schema = _schema()
+    section, _, name = key.partition(".")
+    if key.count(".") != 1 or section not in schema:
+        all_keys = [f"{s}.{k}" for s in SECTIONS for k in schema[s]]
+        raise UserError(f"{source}: unknown config key {key!r}; valid keys: {', '.join(all_keys)}")
+    if name not in schema[section]:
+        raise UserError(f"{source}: unknown config key {key!r}; valid keys in {section}: "
+                        f"{', '.join(schema[section])}")
+    if not _is_a(value, schema[section][name]):
+        raise UserError(f"{source}: {key} must be {_kind(schema[section][name]).__name__}, "
                         f"got {short_repr(value)}")
-    if ranges:
-        check_range(f"{source}: {key}", value, range_of(key))
-    setattr(section, parts[1], value)
+    allowed = choices(key)
+    if allowed is not None and value not in allowed:
+        raise UserError(f"{source}: {key} must be one of {', '.join(allowed)}, "
+                        f"got {short_repr(value)}")
 
 
-def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
+def _merge(base: Config | None, layers: list[tuple[str, list[tuple[str, Any]]]],
+           ranges: tuple[str, ...] = SECTIONS) -> Config:
+    """``base`` (the defaults if None) with each ``(source, [(key, value), ...])`` merged on top.
+
+    Every value is checked first (``_check``); the ranges of the sections in ``ranges`` are
+    checked after the merge, on the values the layers set, each error naming where it was set.
+    """
+    set_by: dict[str, str] = {}
+    nested = []
+    for source, items in layers:
+        layer: dict[str, dict[str, Any]] = {}
+        for key, value in items:
+            _check(key, value, source)
+            section, name = key.split(".")
+            layer.setdefault(section, {})[name] = value
+            set_by.pop(key, None)
+            set_by[key] = source  # the last setter, in the order of the last setting
+        nested.append(layer)
+    try:
+        conf = OmegaConf.merge(_defaults() if base is None else OmegaConf.structured(base), *nested)
+    except OmegaConfBaseException as exc:  # not expected: _check is the stricter
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{set_by.get(exc.full_key, 'config')}: {exc.full_key}: {first}") from None
+    cfg = OmegaConf.to_object(conf)
+    assert isinstance(cfg, Config)
+    for key, source in set_by.items():
+        section, name = key.split(".")
+        if section in ranges:
+            check_range(f"{source}: {key}", getattr(getattr(cfg, section), name), range_of(key))
+    return cfg
+
+
+def _flatten(data: dict[str, Any], source: str) -> list[tuple[str, Any]]:
     flat: dict[str, Any] = {}
     for name, sub in data.items():
         if not isinstance(sub, dict):
@@ -245,12 +300,27 @@ def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
                             f"(sections: model, data, optim, train)")
         for key, value in sub.items():
             flat[f"{name}.{key}"] = value
-    return flat
+    return list(flat.items())
+
+
+def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``section.key=value`` items, the values read as YAML scalars (left as text if not YAML)."""
+    items = []
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected key=value, e.g. train.epochs=5")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except (yaml.YAMLError, RecursionError):
+            value = raw
+        items.append((key.strip(), value))
+    return items
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
-    cfg = Config()
+    layers = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -262,44 +332,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserError(f"{path}: not valid YAML ({first})") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-        for key, value in _flatten(data, str(path)).items():
-            _apply(cfg, key, value, str(path))
-    apply_overrides(cfg, overrides or [])
+        layers.append((str(path), _flatten(data, str(path))))
+    layers.append(("command line", _parse_overrides(overrides or [])))
+    cfg = _merge(None, layers)
     _validate(cfg)
     return cfg
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``section.key=value`` items (values parsed as YAML scalars), validating each."""
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r}: expected key=value, e.g. train.epochs=5")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except (yaml.YAMLError, RecursionError):
-            value = raw
-        _apply(cfg, key.strip(), value, "command line")
-    _validate(cfg)
+    """Apply ``section.key=value`` items to ``cfg`` (in place, and returned), validating each."""
+    merged = _merge(cfg, [("command line", _parse_overrides(overrides))])
+    _validate(merged)
+    for section in SECTIONS:
+        vars(getattr(cfg, section)).update(vars(getattr(merged, section)))
     return cfg
 
 
 def config_from_dict(data: dict[str, Any], source: str,
-                     ranges: tuple[str, ...] = ("model", "data", "optim", "train")) -> Config:
+                     ranges: tuple[str, ...] = SECTIONS) -> Config:
     """Rebuild a Config saved in a checkpoint (resume, conversion).
 
     Only the sections in ``ranges`` are held to today's ranges: a finished run that is only
     evaluated needs sane model settings to be rebuilt; how it was trained is history.
     """
-    cfg = Config()
-    for key, value in _flatten(data, source).items():
-        _apply(cfg, key, value, source, key.split(".")[0] in ranges)
+    cfg = _merge(None, [(source, _flatten(data, source))], ranges)
     if "train" in ranges:
         _validate(cfg)
     return cfg
 
 
 def _validate(cfg: Config) -> None:
-    """What no single setting's range says (each value was checked as it was set)."""
+    """What no single setting's range says (the ranges were checked after the merge)."""
     if cfg.train.epochs < 1 and cfg.train.steps < 1:
         raise UserError("config: train.epochs or train.steps must be >= 1")

@@ -21,7 +21,8 @@ from .momentum_bn import commit_momentum_bn, convert_to_momentum_bn
 from .schedules import cosine_momentum
 
 METHODS = Registry("METHOD")
-METHODS.__doc__ = "Self-supervised student–teacher methods, by name (m2t, byol, ...)."
+METHODS.__doc__ = ("Self-supervised student–teacher methods, by name (m2t, byol, ...): the values "
+                   "model.method accepts (pretrain.config.choices reads them from here).")
 
 
 def register(name: str):

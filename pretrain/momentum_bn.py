@@ -18,11 +18,11 @@ module is ordinary BN inference with μ_r, σ²_r. Gradients never flow through 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .schedules import cosine_schedule
 
 
 def bn_alpha(step: int, total_steps: int) -> float:
@@ -31,8 +31,7 @@ def bn_alpha(step: int, total_steps: int) -> float:
     >>> bn_alpha(0, 100), bn_alpha(50, 100), bn_alpha(100, 100)
     (1.0, 0.5, 0.0)
     """
-    k = min(max(step, 0), total_steps)
-    return round((1.0 + math.cos(math.pi * k / total_steps)) / 2.0, 15)
+    return round(cosine_schedule(step, total_steps, 1.0, 0.0), 15)
 
 
 class _MomentumBatchNorm(nn.Module):

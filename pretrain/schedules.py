@@ -5,6 +5,19 @@ from __future__ import annotations
 import math
 
 
+def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:
+    """Half cosine from ``start`` at step 0 to ``end`` at ``total_steps`` (held outside).
+
+    ``end + (start − end)·(1 + cos(π k / K))/2`` with k = ``step`` clamped to [0, K]. The one
+    cosine of the teacher momentum, the learning rate and the momentum-BN weight α.
+
+    >>> [cosine_schedule(k, 4, 1.0, 0.0) for k in (-1, 0, 2, 4, 9)]
+    [1.0, 1.0, 0.5, 0.0, 0.0]
+    """
+    k = min(max(step, 0), total_steps)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * (k / total_steps)))
+
+
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:
     """Teacher EMA momentum m_k = 1 − (1 − m0)·(cos(π k / K) + 1)/2 (SPEC §1).
 
@@ -13,8 +26,7 @@ def cosine_momentum(step: int, total_steps: int, base: float) -> float:
     >>> cosine_momentum(0, 10, 0.99), cosine_momentum(10, 10, 0.99)
     (0.99, 1.0)
     """
-    k = min(max(step, 0), total_steps)
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * k / total_steps) + 1.0) / 2.0
+    return cosine_schedule(step, total_steps, base, 1.0)
 
 
 def warmup_cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int,
@@ -31,8 +43,7 @@ def warmup_cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: 
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     span = max(total_steps - warmup_steps, 1)
-    progress = min(max(step - warmup_steps, 0), span) / span
-    return final_lr + (base_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cosine_schedule(step - warmup_steps, span, base_lr, final_lr)
 
 
 def scaled_lr(base_lr_per_256: float, total_batch: int) -> float:
