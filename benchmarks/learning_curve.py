@@ -72,14 +72,34 @@ def cell_key(row: dict[str, Any]) -> tuple:
     return row["method"], row["batch"], row["seed"], row["images_budget"]
 
 
+def cell_config(method: str, batch: int, seed: int, steps: int, args: argparse.Namespace):
+    return load_config(args.config, [*METHODS[method], f"data.batch_size={batch}",
+                                     f"train.steps={steps}", f"train.seed={seed}",
+                                     f"train.device={args.device}",
+                                     f"train.log_every={max(steps // 20, 1)}", *args.set])
+
+
+def images_for(minutes: float, method: str, batch: int, args: argparse.Namespace) -> int:
+    """Images one cell can see in ``minutes`` of training, from 20 timed steps (after 5)."""
+    cfg = cell_config(method, batch, 0, 10**6, args)
+    trainer = Trainer(cfg, args.train, Path(args.runs) / f"calibrate_{method}_{batch}")
+    trainer.stop_after = 5
+    trainer.run()
+    start = time.perf_counter()
+    trainer.stop_after = 20
+    trainer.run()
+    rate = 20 * batch / (time.perf_counter() - start)
+    images = int(rate * minutes * 60 // batch * batch)
+    print(f"calibration: {method}, batch {batch}: {rate:.0f} images/s → {images:,} images in "
+          f"{minutes:g} min", flush=True)
+    return images
+
+
 def run_cell(method: str, batch: int, seed: int, args: argparse.Namespace,
              emit: Any) -> None:
     """Train one cell, scoring it at ``args.points`` + 1 evenly spaced points (0 included)."""
     steps = max(1, round(args.images / batch))
-    overrides = [*METHODS[method], f"data.batch_size={batch}", f"train.steps={steps}",
-                 f"train.seed={seed}", f"train.device={args.device}",
-                 f"train.log_every={max(steps // 20, 1)}", *args.set]
-    cfg = load_config(args.config, overrides)
+    cfg = cell_config(method, batch, seed, steps, args)
     run_dir = Path(args.runs) / f"{method}_b{batch}_s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished cell starts again
     trainer = Trainer(cfg, args.train, run_dir)
@@ -97,7 +117,8 @@ def run_cell(method: str, batch: int, seed: int, args: argparse.Namespace,
         for branch in ("teacher", "student"):
             backbone = trainer.model.export_backbone(branch)
             row[f"knn_{branch}"] = knn_eval(backbone, args.bank, args.val,
-                                            cfg.data.image_size, device=args.device)["knn_top1"]
+                                            cfg.data.image_size, device=args.device,
+                                            workers=args.eval_workers)["knn_top1"]
         row["gap"] = last_gap(run_dir)
         row.update(final=mark == steps, arch=f"{cfg.model.arch}/{cfg.model.stem}/w{cfg.model.width}",
                    image_size=cfg.data.image_size, optim=f"{cfg.optim.name} {cfg.optim.base_lr}",
@@ -239,9 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[256])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--images", type=int, default=100_000, help="images seen per cell")
+    p.add_argument("--minutes", type=float, help="instead of --images: as many images as "
+                   "the first method at the largest batch trains in this many minutes here "
+                   "(measured before the first cell)")
     p.add_argument("--points", type=int, default=8, help="kNN points after step 0")
     p.add_argument("--set", nargs="*", default=[], help="more config overrides, key=value")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-workers", type=int, default=0,
+                   help="loader processes for the kNN features (0: decode in this process, "
+                        "quickest for CIFAR-size images)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--quick", action="store_true", help="tiny budget, for the test suite")
     p.add_argument("--report-only", action="store_true")
@@ -256,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="m2t_curve_"))
     args.runs = scratch
     args.bank = args.bank or knn_bank(args.train, args.bank_per_class, scratch)
+    if args.minutes and not args.report_only:
+        args.images = images_for(args.minutes, args.methods[0], max(args.batches), args)
     raw = out / "learning_curve.jsonl"
     rows = read_rows(raw)
     command = "python benchmarks/learning_curve.py " + " ".join(argv or sys.argv[1:])

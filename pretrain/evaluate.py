@@ -70,9 +70,10 @@ def labelled_features(backbone: nn.Module, train_dir: str, val_dir: str, image_s
 
 
 def knn_eval(backbone: nn.Module, train_dir: str, val_dir: str, image_size: int,
-             k: int = 20, temperature: float = 0.07, device: str = "cpu") -> dict[str, float]:
+             k: int = 20, temperature: float = 0.07, device: str = "cpu",
+             workers: int = 2) -> dict[str, float]:
     tf, tl, vf, vl, n = labelled_features(backbone, train_dir, val_dir, image_size,
-                                          torch.device(device))
+                                          torch.device(device), workers)
     return {"knn_top1": knn_accuracy(tf, tl, vf, vl, int(n), k, temperature), "knn_k": k}
 
 

@@ -46,6 +46,7 @@ NO_CUDA = not torch.cuda.is_available()
 OUT_OF_RANGE: dict[str, list[object]] = {
     "model.proj_hidden_dim": [0, -1],
     "model.proj_dim": [0, -3],
+    "model.width": [0, 4, -64, 4096],
     "model.base_momentum": [-0.1, 1.0, 1.5],
     "model.residual_weight": [-1.0],
     "data.batch_size": [0, 1, -8],
@@ -72,6 +73,7 @@ OUT_OF_RANGE: dict[str, list[object]] = {
 #: Values at the edges that mean something and must still be accepted.
 AT_THE_EDGE: dict[str, list[object]] = {
     "model.base_momentum": [0.0, 0.999], "model.residual_weight": [0.0],
+    "model.width": [8, 1024],
     "data.batch_size": [2], "data.image_size": [16], "data.workers": [0],
     "data.max_bad_fraction": [0.0, 1.0], "data.min_scale": [1.0, 1e-6],
     "optim.momentum": [0.0], "optim.weight_decay": [0.0], "optim.warmup_epochs": [0],
