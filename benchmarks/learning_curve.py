@@ -177,7 +177,7 @@ def write_report(rows: list[dict], out: Path, command: str, info: dict) -> Path:
               "| method | batch/process | images seen | seeds | floor (step 0) | teacher kNN "
               "| student kNN | teacher − floor | student–teacher gap | train min |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    for (method, batch, budget), rs in sorted(groups.items()):
+    for (method, batch, _budget), rs in sorted(groups.items()):
         seeds = sorted({r["seed"] for r in rs})
         first = [min((r for r in rs if r["seed"] == s), key=lambda r: r["step"]) for s in seeds]
         last = [max((r for r in rs if r["seed"] == s), key=lambda r: r["step"]) for s in seeds]

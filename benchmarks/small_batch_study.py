@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._harness import atomic_write  # noqa: E402
+from benchmarks.learning_curve import knn_bank  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.evaluate import knn_eval, random_backbone  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
@@ -41,19 +42,6 @@ METHODS = {
     "projector_only": ["model.method=projector_only"],
     "m2t+residual": ["model.method=m2t", "model.residual=true"],
 }
-
-
-def knn_bank(train: str, per_class: int, out: Path) -> str:
-    """A class-balanced subset of ``train`` (symlinks) as the kNN memory bank; 0 = all."""
-    if per_class <= 0:
-        return train
-    bank = out / f"knn_bank_{per_class}"
-    if not bank.exists():
-        for cls in sorted(p for p in Path(train).iterdir() if p.is_dir()):
-            (bank / cls.name).mkdir(parents=True)
-            for img in sorted(cls.iterdir())[:per_class]:
-                (bank / cls.name / img.name).symlink_to(img.resolve())
-    return str(bank)
 
 
 def run_cell(method: str, batch: int, seed: int, args: argparse.Namespace) -> dict:
