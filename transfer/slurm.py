@@ -195,14 +195,15 @@ def job_device(overrides: Sequence[str], opts: JobOptions) -> str:
     return opts.device
 
 
-def fix_seed(job: Any) -> Any:
-    """A job whose config draws its seed (``SEED -1``) gets one now, the same for all its
-    requeues: a resumed run continues its data stream only from a known seed."""
-    if job.cfg.SEED >= 0:
-        return job
+def for_the_job(job: Any) -> Any:
+    """A prepared run as a job runs it: its ``OUTPUT_DIR`` absolute (the job may start in
+    another directory), and a seed fixed now if its config draws one (``SEED -1``), the same
+    for all its requeues: a resumed run continues its data stream only from a known seed."""
     cfg = job.cfg.clone()
     cfg.defrost()
-    cfg.SEED = secrets.randbelow(2**31)
+    cfg.OUTPUT_DIR = os.path.abspath(cfg.OUTPUT_DIR)
+    if cfg.SEED < 0:
+        cfg.SEED = secrets.randbelow(2**31)
     cfg.freeze()
     return dataclasses.replace(job, cfg=cfg, info={**job.info, "seed": cfg.SEED})
 
@@ -374,9 +375,9 @@ def submit_jobs(opts: JobOptions, jobs: Sequence[Any], folder: Path, name: str) 
         # printed by submitit too: it comes once, in the error line
         with submitit.helpers.clean_env(), contextlib.redirect_stderr(io.StringIO()):
             if len(jobs) == 1:
-                return [executor.submit(TrainingJob(fix_seed(jobs[0])))]
+                return [executor.submit(TrainingJob(for_the_job(jobs[0])))]
             with executor.batch():
-                submitted = [executor.submit(TrainingJob(fix_seed(job))) for job in jobs]
+                submitted = [executor.submit(TrainingJob(for_the_job(job))) for job in jobs]
             return submitted
     except (UncompletedJobError, FailedSubmissionError) as exc:  # sbatch said no
         raise TransferError("sbatch", f"refused the job: {_first_line(str(exc))}") from None
@@ -394,6 +395,22 @@ def announce(job: Any, opts: JobOptions, folder: Path) -> None:
     print(f"submitted job {job.job_id} to {opts.describe()}", flush=True)
     print(f"job folder: {folder}")
     print(f"follow the log: tail -f {log_of(job)}")
+    print(f"cancel: {cancel}", flush=True)
+
+
+def announce_array(jobs: Sequence[Any], labels: Sequence[str], opts: JobOptions,
+                   folder: Path) -> None:
+    """What :func:`announce` says, for several jobs (one SLURM job array)."""
+    if opts.cluster == "slurm":
+        arrays = sorted({str(job.job_id).split("_")[0] for job in jobs})
+        cancel = f"scancel {' '.join(arrays)}"
+    else:
+        cancel = f"kill -INT {' '.join(str(job.job_id) for job in jobs)}"
+    print(f"submitted {len(jobs)} jobs to {opts.describe()} each", flush=True)
+    for job, label in zip(jobs, labels, strict=True):
+        print(f"  job {job.job_id}: {label}")
+    print(f"job folder: {folder}")
+    print(f"follow a log: tail -f {folder / 'JOBID_0_log.out'}")
     print(f"cancel: {cancel}", flush=True)
 
 

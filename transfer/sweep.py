@@ -239,7 +239,7 @@ def run_on_slurm(args: Any, opts: Any, root: Path, cells: Sequence[Cell]) -> \
     """Submit the unfinished cells as one job array; with ``--wait``, wait for them.
 
     Returns the failed cells and whether the report can be written now (all ended)."""
-    from .slurm import announce, job_device, results_of, submit_jobs
+    from .slurm import announce, announce_array, job_device, results_of, submit_jobs
     from .train import prepare
 
     failed: dict[Cell, str] = {}
@@ -261,9 +261,12 @@ def run_on_slurm(args: Any, opts: Any, root: Path, cells: Sequence[Cell]) -> \
         return failed, True
     folder = root.resolve() / "slurm"
     jobs = submit_jobs(opts, [job for _, job in todo], folder, f"m2t-transfer-{root.name}")
-    announce(jobs[0], opts, folder)
-    for (cell, _), job in zip(todo, jobs, strict=True):
-        print(f"  job {job.job_id}: {cell.label} -> {cell.output_dir}")
+    labels = [f"{cell.label} -> {cell.output_dir}" for cell, _ in todo]
+    if len(jobs) == 1:
+        announce(jobs[0], opts, folder)
+        print(f"  job {jobs[0].job_id}: {labels[0]}")
+    else:
+        announce_array(jobs, labels, opts, folder)
     if not opts.wait:
         print(f"when the jobs have ended, run the same command again: it skips the finished "
               f"runs and writes {root / 'report.md'}", flush=True)

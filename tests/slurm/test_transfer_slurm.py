@@ -172,8 +172,24 @@ def test_a_two_seed_sweep_writes_both_runs_and_their_report_and_a_rerun_skips_th
         data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sweep"
     argv = _train(data, out, "--seeds", "0", "1", *TINY, "SOLVER.MAX_ITER", "2")
+    # a cell that fails (its folder is a file): reported, the other one still runs
+    out.mkdir()
+    (out / "seed_1").write_text("in the way")
+    assert _run(argv) == 1
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines()[-1] == (
+        f"error: 1 of 2 runs failed: r18 seed 1 ({out / 'seed_1'}: --output-dir is a file, "
+        f"not a run directory)")
+    assert (out / "seed_0" / "results.json").is_file() and "| r18 | 1 |" in printed.out
+
+    # the rerun: seed 0 is skipped, seed 1 runs; the report has both
+    (out / "seed_1").unlink()
+    seed_0 = (out / "seed_0" / "log.txt").stat().st_mtime_ns
     assert _run(argv) == 0
     printed = capsys.readouterr().out
+    assert "[1/2] r18 seed 0: finished before, skipped" in printed
+    assert f"[2/2] r18 seed 1: fine-tuning into {out / 'seed_1'}" in printed
+    assert (out / "seed_0" / "log.txt").stat().st_mtime_ns == seed_0
     runs = [json.loads((out / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]
     assert [r["seed"] for r in runs] == [0, 1] and {r["method"] for r in runs} == {"r18"}
     assert not torch.equal(*(_weights(out / f"seed_{s}")["roi_heads.box_predictor.cls_score"
@@ -185,23 +201,24 @@ def test_a_two_seed_sweep_writes_both_runs_and_their_report_and_a_rerun_skips_th
     (group,) = json.loads((out / "report.json").read_text())
     row = group["methods"]["r18"]
     assert row["runs"] == 2 and row["seeds"] == [0, 1]
-    lines = report.splitlines()
-    for task in ("bbox", "segm"):
+    def row_of(start: str) -> list[str]:  # the cells of the table row that starts so
+        line = next(line for line in report.splitlines() if line.startswith(start))
+        return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+    header, mean_row = row_of("| method | runs |"), row_of("| r18 | 2 |")
+    seed_rows = [row_of(f"| r18 | {s} |") for s in (0, 1)]
+    for task, label in (("bbox", "box"), ("segm", "mask")):
         for name in ("AP", "AP50", "AP75"):
             values = [r[task][name] for r in runs]  # by hand, from the runs' results.json
+            mean, std = statistics.fmean(values), statistics.stdev(values)
             cell = row["metrics"][task][name]
             assert cell["values"] == values
-            assert cell["mean"] == pytest.approx(statistics.fmean(values))
-            assert cell["std"] == pytest.approx(statistics.stdev(values))
-    header = next(line for line in lines if line.startswith("| method | runs |"))
-    mean_row = next(line for line in lines if line.startswith("| r18 | 2 |"))
-    column = header.split(" | ").index("AP<sup>box</sup>")
-    ap = [r["bbox"]["AP"] for r in runs]
-    assert mean_row.split(" | ")[column] == (f"{statistics.fmean(ap):.1f} ± "
-                                             f"{statistics.stdev(ap):.1f}")
-    for seed, r in enumerate(runs):  # the per-seed table
-        seed_row = next(line for line in lines if line.startswith(f"| r18 | {seed} |"))
-        assert seed_row.split(" | ")[column] == f"{r['bbox']['AP']:.1f}"
+            assert cell["mean"] == pytest.approx(mean) and cell["std"] == pytest.approx(std)
+            column = header.index(f"{name}<sup>{label}</sup>")
+            assert mean_row[column] == f"{mean:.1f} ± {std:.1f}"
+            assert [r[column] for r in seed_rows] == [f"{v:.1f}" for v in values]
+    # the two seeds scored differently here, so mean and std are not trivially 0
+    assert runs[0]["bbox"] != runs[1]["bbox"]
 
     logs = {s: (out / f"seed_{s}" / "log.txt").stat().st_mtime_ns for s in (0, 1)}
     assert _run(argv) == 0
