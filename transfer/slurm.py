@@ -280,8 +280,12 @@ class StopHook(HookBase):
         final = it + 1 >= trainer.max_iter
         if self.stop.agreed():
             self.stop.in_loop = False
-            if not final:  # at the final one, Detectron2 saved model_final just before
-                trainer.checkpointer.save(f"model_{it:07d}", iteration=it)
+            name = f"model_{it:07d}"
+            last = Path(trainer.checkpointer.get_checkpoint_file() or "").stem
+            # at the final iteration Detectron2 saved model_final just before, and at one of
+            # SOLVER.CHECKPOINT_PERIOD this very checkpoint
+            if not final and last != name:
+                trainer.checkpointer.save(name, iteration=it)
             raise TrainingStopped(it)
         self.stop.in_loop = not final  # from the end of a session's first iteration
 
