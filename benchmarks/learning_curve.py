@@ -163,7 +163,8 @@ def write_report(rows: list[dict], out: Path, command: str, info: dict) -> Path:
              "training images; queries: every validation image. Images seen = steps × batch; "
              "training seconds exclude the kNN evaluations. The row at 0 images is each seed's "
              "network as initialised (the random-network floor). Mean ± std over seeds.", "",
-             "Command (resumes: finished cells are skipped):", "", f"    {command}", "",
+             "Commands (each resumes: finished cells are skipped):", "",
+             *[f"    {c}" for c in dict.fromkeys(r.get("command", command) for r in rows)], "",
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
              f"device {rows[-1].get('device', 'cpu') if rows else 'cpu'}, "
              f"{'/'.join(sorted({str(r['threads']) for r in rows}))} torch threads, load "
@@ -173,7 +174,7 @@ def write_report(rows: list[dict], out: Path, command: str, info: dict) -> Path:
         r0 = rows[0]
         lines += [f"Recipe: {r0['arch']}, {r0['image_size']} px, {r0['optim']} (base LR per "
                   f"256 images).", ""]
-    lines += ["## Final points (the small-batch study)", "",
+    lines += ["## Final points (with several batches: the small-batch study)", "",
               "| method | batch/process | images seen | seeds | floor (step 0) | teacher kNN "
               "| student kNN | teacher − floor | student–teacher gap | train min |",
               "|---|---|---|---|---|---|---|---|---|---|"]
