@@ -30,18 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._harness import atomic_write  # noqa: E402
-from benchmarks.learning_curve import knn_bank  # noqa: E402
+from benchmarks.learning_curve import METHODS, knn_bank  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.evaluate import knn_eval, random_backbone  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
 
-METHODS = {
-    "m2t": ["model.method=m2t"],
-    "byol": ["model.method=byol"],
-    "eman": ["model.method=eman"],
-    "projector_only": ["model.method=projector_only"],
-    "m2t+residual": ["model.method=m2t", "model.residual=true"],
-}
 
 
 def run_cell(method: str, batch: int, seed: int, args: argparse.Namespace) -> dict:
