@@ -36,7 +36,6 @@ from pretrain.evaluate import knn_eval, random_backbone  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
 
 
-
 def run_cell(method: str, batch: int, seed: int, args: argparse.Namespace) -> dict:
     overrides = [*METHODS[method], "model.arch=resnet18", "model.proj_hidden_dim=1024",
                  "model.proj_dim=128", f"data.batch_size={batch}",
