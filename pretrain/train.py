@@ -265,6 +265,20 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
 
+    def _teacher_buffers_by_rank(self) -> list[dict[str, torch.Tensor]] | None:
+        """Every rank's teacher buffers, gathered on each rank (None on one process).
+
+        Without SyncBN each process's teacher normalises with its own batches, so its BN
+        statistics (m2t's momentum BN above all) differ from rank to rank; the checkpoint's
+        ``teacher`` holds rank 0's, and an exact resume needs each rank's own.
+        """
+        if self.dist.world_size == 1:
+            return None
+        mine = {k: v.detach().cpu() for k, v in self.model.teacher.named_buffers()}
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
     def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
         if ckpt.get("total_steps") != self.total_steps:
             raise UserError(f"{path}: checkpoint was made for {ckpt.get('total_steps')} total "
@@ -285,6 +299,17 @@ class Trainer:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserError(f"{path}: damaged checkpoint: its random-number state cannot be "
                             f"restored ({first})") from None
+        per_rank = ckpt.get("teacher_buffers_by_rank")
+        if isinstance(per_rank, list) and len(per_rank) == self.dist.world_size > 1:
+            own = per_rank[self.dist.rank]
+            try:
+                with torch.no_grad():
+                    for name, buf in self.model.teacher.named_buffers():
+                        buf.copy_(own[name])
+            except (KeyError, RuntimeError, TypeError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise UserError(f"{path}: damaged checkpoint: rank {self.dist.rank}'s teacher "
+                                f"statistics do not fit ({first})") from None
         self.step = int(ckpt["step"])
         if not 0 <= self.step <= self.total_steps:
             raise UserError(f"{path}: damaged checkpoint: step {self.step} is outside "
@@ -302,9 +327,12 @@ class Trainer:
             raise TrainingError(f"weights are not finite after step {self.step} (e.g. {bad[0]}): "
                                 f"training diverged; {self.out / 'last.pth'}{held} was not "
                                 f"overwritten; resume from it with a lower optim.base_lr")
+        per_rank = self._teacher_buffers_by_rank()  # a collective: every rank takes part
         if not self.dist.main:
             return
         state = self.state()
+        if per_rank is not None:
+            state["teacher_buffers_by_rank"] = per_rank
         save_atomic(state, self.out / "last.pth")
         self.saved_step = self.step
         if epoch is not None:
