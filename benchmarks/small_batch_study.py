@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._harness import atomic_write  # noqa: E402
-from benchmarks.learning_curve import METHODS, knn_bank  # noqa: E402
+from benchmarks.learning_curve import METHODS, knn_bank, read_rows  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.evaluate import knn_eval, random_backbone  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
@@ -185,12 +185,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     args.bank = knn_bank(args.train, args.knn_bank_per_class, Path(tempfile.mkdtemp()))
     raw = out / "small_batch_study.jsonl"
-    rows = []
-    for n, line in enumerate(raw.read_text().splitlines() if raw.exists() else [], 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill: that cell runs again
-            print(f"{raw}:{n}: not a JSON result line, ignored", file=sys.stderr)
+    rows = read_rows(raw)  # a line cut short by a kill is ignored: that cell runs again
     done = {(r["method"], r["batch"], r["seed"], r["steps"]) for r in rows}
     command = "python benchmarks/small_batch_study.py " + " ".join(sys.argv[1:])
     if not args.report_only:
