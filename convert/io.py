@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import stat
 import tempfile
 import warnings
@@ -28,10 +27,7 @@ import torch
 from iopath.common.file_io import HTTPURLHandler, PathManager
 
 from . import sniff
-from .errors import ConversionError, ConversionWarning
-
-_UNSUPPORTED_GLOBAL = re.compile(
-    r"(?:Unsupported global: GLOBAL |unsupported GLOBAL |but got <class ')([\w.]+)")
+from .errors import ConversionError, ConversionWarning, first_line, refused_global, refused_pickle
 
 #: Types that weights-only loading may rebuild besides tensors and containers: plain data
 #: found in common self-supervised checkpoints (DINO, iBOT and others save their
@@ -100,24 +96,21 @@ def _torch_load(f: IO[bytes], path: str, unsafe: bool) -> Any:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError... here
-        message = str(e)
-        unsupported = _UNSUPPORTED_GLOBAL.search(message)
-        if unsupported is None:
-            first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
-            raise ConversionError(path, f"not a readable PyTorch checkpoint ({first})") from None
+        refused = refused_global(e)
+        if refused is None:
+            raise ConversionError(path, f"not a readable PyTorch checkpoint "
+                                        f"({first_line(e)})") from None
         if not unsafe:
-            raise ConversionError(
-                path, f"the checkpoint pickles a {unsupported.group(1)} object, which safe "
-                      f"(weights-only) loading refuses; if you trust the file, pass "
-                      f"--unsafe-load") from None
+            raise ConversionError(path, refused_pickle(
+                refused, "if you trust the file, pass --unsafe-load")) from None
     warnings.warn(f"{path}: loading with weights_only=False (--unsafe-load): this runs any code "
                   f"the file's pickle contains", ConversionWarning, stacklevel=3)
     f.seek(0)
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(path, f"not a readable PyTorch checkpoint ({first})") from None
+        raise ConversionError(path, f"not a readable PyTorch checkpoint "
+                                    f"({first_line(e)})") from None
 
 
 def check_writable(path: Path, force: bool, source: str | None = None) -> None:

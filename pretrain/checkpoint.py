@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from iopath.common.file_io import PathManager
 
-from .errors import UserError
+from .errors import UserError, first_line, refused_global, refused_pickle
+from .rundir import replace_file
 
 FORMAT = "momentum2-pretrain"
 VERSION = 1
@@ -36,25 +36,20 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         with PATHS.open(path, "wb") as f:
             f.write(buffer.getvalue())
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     writer: _WriteErrors | None = None
+
+    def write(f: IO[bytes]) -> None:
+        nonlocal writer
+        writer = _WriteErrors(f)
+        torch.save(obj, writer)  # type: ignore[arg-type]
+
     try:
-        with open(tmp, "wb") as f:
-            writer = _WriteErrors(f)
-            torch.save(obj, writer)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_file(path, write)
     except (OSError, RuntimeError) as exc:
         # torch.save reports a failed write as RuntimeError ("unexpected pos ..."): name the
         # OSError behind it instead
         cause = writer.error if writer is not None and writer.error is not None else exc
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[0][:200]
+        reason = getattr(cause, "strerror", None) or first_line(cause, 200)
         raise UserError(f"{path}: could not save checkpoint ({reason}); "
                         f"the previous checkpoint is untouched") from None
 
@@ -99,10 +94,6 @@ def remove_partial_saves(folder: str | Path) -> list[Path]:
                 pass
     return removed
 
-
-#: How torch's weights-only unpickler names a type it refuses to rebuild.
-_REFUSED_GLOBAL = re.compile(
-    r"(?:Unsupported global: GLOBAL |unsupported GLOBAL |but got <class ')([\w.]+)")
 
 #: What to give instead of a file of another kind.
 _WANTED = "give an m2t-pretrain run directory or its last.pth / epoch_NNNN.pth"
@@ -156,14 +147,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if _plain_pickle(path):
             raise UserError(f"{path}: a plain pickle (such as Detectron2 .pkl weights), not an "
                             f"m2t-pretrain checkpoint, and not loaded; {_WANTED}") from None
-        refused = _REFUSED_GLOBAL.search(str(exc))
+        refused = refused_global(exc)
         if refused is not None:
-            raise UserError(f"{path}: the file pickles a {refused.group(1)} object; checkpoints "
-                            f"of m2t-pretrain hold only tensors and plain data, so it was not "
-                            f"written by m2t-pretrain (or was altered) and is not loaded") from None
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{path}: " + refused_pickle(
+                refused, "checkpoints of m2t-pretrain hold only tensors and plain data, so it "
+                         "was not written by m2t-pretrain (or was altered) and is not "
+                         "loaded")) from None
         raise UserError(f"{path}: not a readable checkpoint (corrupt, truncated or not a torch "
-                        f"file): {first[:200]}") from None
+                        f"file): {first_line(exc, 200)}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         found = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
         if _bare_weights(obj):

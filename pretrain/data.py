@@ -22,7 +22,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 class Unreadable(NamedTuple):
@@ -33,7 +33,7 @@ class Unreadable(NamedTuple):
 
     @classmethod
     def of(cls, path: str, exc: Exception) -> Unreadable:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         reason = first.replace(repr(path), "").replace(path, "").strip(" :'\"")
         return cls(path, (reason or type(exc).__name__)[:100])
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from .errors import UserError
 
@@ -61,26 +63,35 @@ def check_fresh(out: Path, config_text: str) -> None:
                             f"(keep your own configs outside run directories)")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees the old file or the new, never half.
+def replace_file(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Replace ``path`` with what ``write`` puts in a file: a reader sees the old file or the
+    new, never half.
 
-    A file that already holds ``data`` is left as it is (its time stamp included).
+    ``write`` fills ``.NAME.tmp-PID`` in the same folder, which is flushed to disk and renamed
+    over ``path``; on any failure the temporary is removed and the error raised.
     """
-    try:
-        if path.is_file() and path.read_bytes() == data:
-            return
-    except OSError:
-        pass
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (:func:`replace_file`); a file that already holds
+    ``data`` is left as it is (its time stamp included)."""
+    try:
+        if path.is_file() and path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    replace_file(path, lambda f: f.write(data))
 
 
 def trim_metrics(path: Path, step: int) -> int:

@@ -26,10 +26,12 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from operator import methodcaller
 from pathlib import Path
 from typing import Any
 
 from .errors import TransferError
+from .files import replace_file
 from .scoring import CURVES, RECALL
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -433,8 +435,6 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[Path,
     md, png = out_dir / "report.md", out_dir / "report.png"
     for path, text in ((md, summary_markdown(summary)),
                        (md.with_suffix(".json"), json.dumps(summary_json(summary), indent=2))):
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(text)
-        partial.replace(path)  # never half a report
+        replace_file(path, methodcaller("write", text.encode()))  # never half a report
     plot_summary(summary, png)
     return md, png

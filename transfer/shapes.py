@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
+from operator import methodcaller
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .files import replace_file
 
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"},
               {"id": 3, "name": "triangle"}]
@@ -94,9 +96,7 @@ def make_shapes(out: str | Path, n_train: int = 300, n_val: int = 50, size: int 
         data = {"info": {"description": "momentum2 generated shapes"}, "images": images,
                 "annotations": annotations, "categories": CATEGORIES}
         json_path = out / "annotations" / f"instances_{split}.json"
-        tmp = json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, json_path)
+        replace_file(json_path, methodcaller("write", json.dumps(data).encode()))
         paths[f"{split}_json"], paths[f"{split}_images"] = json_path, folder
     return paths
 
