@@ -4,7 +4,8 @@
                 [--arch resnet50] [--force] [--prefix P] [--unsafe-load]
 
 Prints a short summary; problems come out as one line, ``error: <file>: <what is wrong>``,
-with exit status 1 (2 for bad command-line usage, as argparse does).
+with exit status 2, as for bad command-line usage (argparse) and in ``m2t-pretrain`` and
+``m2t-transfer``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit status (0 success, 1 conversion/verify failure)."""
+    """Run the command; returns the exit status (0 success, 2 conversion/verify failure)."""
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.report.lines():
             print(f"verify: {line}", file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     for line in summary_lines(summary):
         print(line)
     print(f"done in {summary['seconds']:.2f} s")

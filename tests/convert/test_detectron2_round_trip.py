@@ -113,7 +113,7 @@ def test_wrong_renaming_is_caught_by_verify_and_leaves_no_output(
 
     monkeypatch.setattr(pipeline, "torchvision_to_detectron2", swap_bn1_bn2)
     out = tmp_path / "r18.pkl"
-    assert main([str(r18_file), str(out), "--verify"]) == 1
+    assert main([str(r18_file), str(out), "--verify"]) == 2
     err = capsys.readouterr().err
     assert "verification FAILED" in err and "error: " in err
     assert list(tmp_path.iterdir()) == []

@@ -112,7 +112,7 @@ def test_pkl_is_refused_in_one_line_and_nothing_is_written(runs: dict, stem: str
     folder = tmp_path / "out"
     folder.mkdir()
     argv = [str(last), str(folder / "weights.pkl")] + (["--verify"] if verify else [])
-    assert main(argv) == 1
+    assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
@@ -136,7 +136,7 @@ def test_cli_process_refuses_pkl_and_writes_pth(runs: dict, tmp_path: Path) -> N
     refused = subprocess.run([sys.executable, "-m", "convert", str(last),
                               str(folder / "weights.pkl"), "--verify"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {last}: "), refused.stderr
     assert "Detectron2's ResNet cannot host" in lines[0] and "Traceback" not in refused.stderr

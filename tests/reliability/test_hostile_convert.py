@@ -4,7 +4,7 @@ and never a traceback.
 Each case builds its input (checkpoints, output paths) in a fresh folder and runs the real CLI
 entry point, ``convert.__main__.main``, in-process (an exception escaping it would be the
 traceback a user sees); a few run as a subprocess to see the terminal's stderr. Every case
-asserts: exit status 1 (``m2t-convert``'s status for a file it refuses), exactly one
+asserts: exit status 2 (the status of every command for input it refuses), exactly one
 ``error:`` line naming the culprit file, no traceback, and every entry that existed in the
 folder before the command unchanged afterwards (type, bytes, mtime, inode), with nothing new
 (no output, no temporary file).
@@ -344,7 +344,7 @@ def test_convert_refuses_hostile_input_in_one_line(name: str, state: State, tmp_
     elapsed = time.perf_counter() - t0
     ledger.bad_input("convert: hostile input")
     line = error_line(capsys.readouterr().err, culprit)
-    assert code == 1, line
+    assert code == 2, line
     assert line.startswith(f"error: {culprit}: "), line
     assert case.message in line[len(f"error: {culprit}: "):], line  # not just in the name
     assert snapshot(tmp_path) == before  # nothing replaced, nothing half-written, nothing new
@@ -404,7 +404,7 @@ def test_a_full_disk_while_writing_the_config_snippet_keeps_both_earlier_outputs
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    assert main([str(good), str(tmp_path / "out.pkl"), "--force"]) == 1
+    assert main([str(good), str(tmp_path / "out.pkl"), "--force"]) == 2
     ledger.fault("convert: ENOSPC writing the config snippet")
     line = error_line(capsys.readouterr().err, tmp_path / "out.yaml")
     assert "No space left on device" in line
@@ -434,5 +434,5 @@ def test_no_traceback_reaches_the_terminal(state: State, tmp_path: Path, ledger)
         if "Traceback" in proc.stderr:
             ledger.traceback("convert: hostile input (subprocess)")
         line = error_line(proc.stderr, culprit)
-        assert proc.returncode == 1 and message in line, (name, proc.returncode, line)
+        assert proc.returncode == 2 and message in line, (name, proc.returncode, line)
         assert snapshot(tmp_path) == before, name

@@ -51,7 +51,7 @@ def test_convert_refuses_a_checkpoint_that_would_run_code(r18_state, tmp_path: P
     code = main([str(evil), str(tmp_path / "out.pkl")])
     ledger.bad_input("convert: checkpoint pickling code")
     line = error_line(capsys.readouterr().err, evil)
-    assert code == 1 and "posix.system" in line and "--unsafe-load" in line
+    assert code == 2 and "posix.system" in line and "--unsafe-load" in line
     assert not marker.exists() and not (tmp_path / "out.pkl").exists()
 
 
@@ -74,7 +74,7 @@ def test_convert_names_any_other_type_and_loads_it_only_with_unsafe_load_which_w
 
     source = tmp_path / "dated.pth"
     torch.save({"state_dict": r18_state, "saved_at": datetime.datetime(2024, 1, 2)}, source)
-    assert main([str(source), str(tmp_path / "out.pkl")]) == 1
+    assert main([str(source), str(tmp_path / "out.pkl")]) == 2
     ledger.bad_input("convert: checkpoint pickling a foreign type")
     line = error_line(capsys.readouterr().err, source)
     assert "datetime.datetime" in line and "--unsafe-load" in line
