@@ -6,9 +6,11 @@ without it. The check (SPEC §3):
 1. Build Detectron2's ResNet-FPN backbone for the architecture (``build_resnet_fpn_backbone``,
    ``RESNETS.NORM`` BN, ``STRIDE_IN_1X1 False``) inside a holder module named like a
    ``GeneralizedRCNN`` (``backbone.bottom_up.res2...``).
-2. Load the file with Detectron2's own ``DetectionCheckpointer`` (its name-matching heuristics
-   are what a training run uses) and record missing, unexpected and mis-shaped keys.
-3. Confirm each bottom-up tensor now equals the array stored under its Detectron2 name.
+2. Compare the shapes of the file's tensors with the model's: a key fits the bottom-up tensor
+   of its name (unmatched: no such tensor; mis-shaped: another shape).
+3. Load the file with Detectron2's own ``DetectionCheckpointer`` (its name-matching heuristics
+   are what a training run uses) into the model, whose tensors start as NaN, and confirm each
+   bottom-up tensor now equals the array stored under its Detectron2 name.
 4. Run a random batch through a torchvision ResNet holding the reference weights and through
    the Detectron2 bottom-up network, both in eval mode, and compare ``layer1..layer4`` with
    ``res2..res5``.
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -35,11 +36,10 @@ import torchvision
 
 from . import archs
 from .archs import Variant
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 from .naming import detectron2_resnet_settings, detectron2_to_torchvision
 
 STAGES = ("res2", "res3", "res4", "res5")
-_MIS_SHAPED = re.compile(r"Shape of (\S+) in checkpoint is")
 _HOLDER_PREFIX = "backbone.bottom_up."
 
 
@@ -96,29 +96,22 @@ class VerifyReport:
 
 
 @contextmanager
-def _captured_logs(names: tuple[str, ...]) -> Iterator[list[logging.LogRecord]]:
-    """Collect the records of Detectron2's and fvcore's loggers instead of printing them."""
-    records: list[logging.LogRecord] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = _Keep(logging.DEBUG)
+def _quiet_logs(names: tuple[str, ...]) -> Iterator[None]:
+    """Keep the records of Detectron2's and fvcore's loggers off the terminal: what they say of
+    the load, the report says in its own lines."""
+    handler = logging.NullHandler()
     saved = []
     for name in names:
         logger = logging.getLogger(name)
-        saved.append((logger, logger.propagate, logger.level))
+        saved.append((logger, logger.propagate))
         logger.addHandler(handler)
         logger.propagate = False
-        logger.setLevel(logging.DEBUG)
     try:
-        yield records
+        yield
     finally:
-        for logger, propagate, level in saved:
+        for logger, propagate in saved:
             logger.removeHandler(handler)
             logger.propagate = propagate
-            logger.setLevel(level)
 
 
 def build_detectron2_backbone(arch: str, norm: str = "BN",
@@ -181,7 +174,6 @@ def verify_detectron2(pkl_path: str | Path, arch: str,
 
     path = str(pkl_path)
     report = VerifyReport(path=path, arch=arch, norm=norm, image_size=image_size)
-    # Uninitialised: a tensor the file does not provide is reported as not loaded either way.
     holder = build_detectron2_backbone(arch, norm, initialise=False)
     try:
         with open(path, "rb") as f:
@@ -192,37 +184,30 @@ def verify_detectron2(pkl_path: str | Path, arch: str,
         raise ConversionError(path, "not a Detectron2 model pickle (no 'model' dict)")
     stored = data["model"]
 
-    class _Recording(DetectionCheckpointer):
-        incompatible: Any = None
-
-        def _log_incompatible_keys(self, incompatible: Any) -> None:
-            self.incompatible = incompatible  # what load() would only have logged
-
-    checkpointer = _Recording(holder)
-    with _captured_logs(("detectron2", "fvcore")) as records:
-        checkpointer.load(path)
-    incompatible = checkpointer.incompatible
+    # What the model can take, compared directly: a key of the file fits the bottom-up
+    # tensor of its name (the naming m2t-convert writes) when the shapes agree.
+    shapes = {k[len(_HOLDER_PREFIX):]: v.shape for k, v in holder.state_dict().items()
+              if k.startswith(_HOLDER_PREFIX)}
+    report.mis_shaped = [k for k in sorted(stored) if k in shapes
+                         and tuple(getattr(stored[k], "shape", ())) != tuple(shapes[k])]
+    report.unmatched = [k for k in sorted(stored)
+                        if k not in shapes or k in report.mis_shaped]
+    with torch.no_grad():  # a tensor the load does not fill can never equal the file's
+        for tensor in holder.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.fill_(float("nan"))
+    with _quiet_logs(("detectron2", "fvcore")):
+        DetectionCheckpointer(holder).load(path)
     state = holder.state_dict()
-    bottom_up = [k for k in state if k.startswith(_HOLDER_PREFIX)]
-    missing = set(incompatible.missing_keys) if incompatible is not None else set()
-    report.model_tensors = len(bottom_up)
-    for key in bottom_up:
-        name = key[len(_HOLDER_PREFIX):]
-        if key in missing:
-            report.not_loaded.append(name)
-        elif name.endswith("num_batches_tracked"):
+    report.model_tensors = len(shapes)
+    for name in shapes:
+        if name.endswith("num_batches_tracked"):
             report.loaded += 1  # registered by the model, filled in at load (SPEC §3)
-        elif name in stored and torch.equal(state[key], torch.as_tensor(stored[name])):
+        elif name in stored and torch.equal(state[_HOLDER_PREFIX + name],
+                                            torch.as_tensor(stored[name])):
             report.loaded += 1
         else:
             report.not_loaded.append(name)
-    if incompatible is not None:
-        report.unmatched = list(incompatible.unexpected_keys)
-        report.mis_shaped = [k for k, *_ in incompatible.incorrect_shapes]
-    for record in records:
-        match = _MIS_SHAPED.search(record.getMessage())
-        if match is not None:
-            report.mis_shaped.append(match.group(1))
 
     if reference is None:
         reference = {detectron2_to_torchvision(k): torch.as_tensor(v) for k, v in stored.items()}
@@ -315,9 +300,8 @@ def verify_torchvision(pth_path: str | Path, arch: str, reference: Mapping[str, 
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a file it cannot read
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(path, f"cannot read back as a torchvision state dict "
-                                    f"({first})") from None
+                                    f"({first_line(e)})") from None
     if not isinstance(stored, dict):
         raise ConversionError(path, "not a state dict")
     model = archs.variant_model(arch, stem, width, device="cpu")

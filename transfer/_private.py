@@ -1,12 +1,107 @@
-"""Private names of third-party libraries that the evaluation relies on, each with its reason.
+"""Private names of third-party libraries that the transfer stage relies on, each with its reason.
 
-Underscore names change without notice; gathering them here (issue 17) makes a library
-upgrade a check of this one file. Add to it only what has no public way.
+Underscore names (and patches of a library's module) change without notice; gathering them
+here (issue 17) makes a library upgrade a check of this one file. Add to it only what has no
+public way; every other module of ``transfer/`` uses the names defined here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import pickle
+from collections.abc import Iterator
 from typing import Any
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+#: The pure-Python unpickler (``pickle._Unpickler``). ``pickle.Unpickler`` is the C one, which
+#: sizes its memo array by the largest index a pickle names, so one corrupt byte makes it
+#: allocate gigabytes; the pure-Python one keeps its memo in a dict. Restricting what it may
+#: rebuild (``find_class``) works the same on both.
+PurePythonUnpickler = pickle._Unpickler
+
+
+def builtin_splits() -> dict[str, tuple[str, str]]:
+    """Detectron2's builtin COCO and LVIS datasets: name -> (image root, annotation JSON),
+    relative to the dataset root.
+
+    The table is ``_PREDEFINED_SPLITS_COCO["coco"]`` and ``_PREDEFINED_SPLITS_LVIS``: the
+    public catalogs hold these paths only already joined to ``$DETECTRON2_DATASETS`` as it
+    was when Detectron2 was imported, while ``--dataset-root`` may name another folder.
+    """
+    from detectron2.data.datasets.builtin import _PREDEFINED_SPLITS_COCO, _PREDEFINED_SPLITS_LVIS
+
+    return {**_PREDEFINED_SPLITS_COCO["coco"],
+            **{k: v for splits in _PREDEFINED_SPLITS_LVIS.values() for k, v in splits.items()}}
+
+
+def coco_metadata() -> dict[str, Any]:
+    """The metadata of Detectron2's builtin COCO instance datasets (class names and colours,
+    dataset id -> contiguous id), without image root or JSON path.
+
+    ``_get_builtin_metadata("coco")`` is what Detectron2 registers its COCO splits with; the
+    public ``MetadataCatalog`` entries also carry the paths it resolved at import, which a
+    builtin dataset under ``--dataset-root`` replaces.
+    """
+    from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+
+    return _get_builtin_metadata("coco")
+
+
+class HookedCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose file reading is :meth:`read_pickle_file` and
+    :meth:`read_torch_file`, and which keeps the result of its last load in ``incompatible``.
+
+    fvcore and Detectron2 read a ``.pkl`` with ``pickle.load`` and a ``.pth`` with
+    ``torch.load(weights_only=False)`` (both run code a file names) in the private
+    ``_load_file`` and ``_torch_load``, and hand the missing, unexpected and mis-shaped keys of
+    a load (fvcore's ``_IncompatibleKeys``) only to the private ``_log_incompatible_keys``.
+    Neither has a public way to change it, so the overrides below route both to public
+    methods. ``load`` and ``resume_or_load`` stay Detectron2's.
+    """
+
+    #: fvcore's ``_IncompatibleKeys`` of the last ``load`` (None before one).
+    incompatible: Any = None
+
+    def read_pickle_file(self, filename: str) -> dict[str, Any]:
+        """The checkpoint dict of a ``.pkl`` file (as Detectron2's ``_load_file`` returns it)."""
+        raise NotImplementedError
+
+    def read_torch_file(self, filename: str) -> Any:
+        """The object a ``.pth`` file holds (as fvcore's ``_load_file`` returns it)."""
+        raise NotImplementedError
+
+    def _load_file(self, filename: str) -> dict[str, Any]:
+        if filename.endswith(".pkl"):
+            return self.read_pickle_file(filename)
+        return super()._load_file(filename)
+
+    def _torch_load(self, f: str) -> Any:
+        return self.read_torch_file(f)
+
+    def _load_model(self, checkpoint: Any) -> Any:
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+
+@contextlib.contextmanager
+def cpu_ddp() -> Iterator[None]:
+    """Within the block, Detectron2's ``create_ddp_model`` passes ``device_ids=None``.
+
+    ``DefaultTrainer.__init__`` wraps the model with ``create_ddp_model``, which gives
+    ``DistributedDataParallel`` ``device_ids=[local rank]``; PyTorch refuses that for a CPU
+    module, and the trainer has no option to change it, so the name the trainer looks up in
+    ``detectron2.engine.defaults`` is replaced for the time of its construction.
+    """
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    defaults.create_ddp_model = functools.partial(original, device_ids=None)
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
 
 
 def empty_lvis_results(lvis_gt: Any) -> Any:

@@ -26,17 +26,13 @@ from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_lvis_json
-from detectron2.data.datasets.builtin import _PREDEFINED_SPLITS_COCO, _PREDEFINED_SPLITS_LVIS
-from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.lvis import get_lvis_instances_meta
 
+from ._private import builtin_splits, coco_metadata
 from .errors import TransferError
 
 #: builtin name -> (image root, annotation JSON), relative to the dataset root.
-BUILTIN: dict[str, tuple[str, str]] = {
-    **_PREDEFINED_SPLITS_COCO["coco"],
-    **{k: v for splits in _PREDEFINED_SPLITS_LVIS.values() for k, v in splits.items()},
-}
+BUILTIN: dict[str, tuple[str, str]] = builtin_splits()
 
 
 @dataclass(frozen=True)
@@ -450,7 +446,7 @@ def register_dataset(spec: DatasetSpec) -> str:
                                            evaluator_type="lvis", **meta)
     else:
         if spec.name in BUILTIN:
-            meta = _get_builtin_metadata("coco")
+            meta = coco_metadata()
         else:
             meta = {"thing_classes": spec.thing_classes,
                     "thing_dataset_id_to_contiguous_id": spec.id_map}

@@ -13,8 +13,6 @@ losses and ETA, ``metrics.json``, TensorBoard). The main process then writes
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import logging
 import os
@@ -30,7 +28,6 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, HookBase, default_setup, launch
-from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
@@ -38,9 +35,10 @@ from . import (
     compat,  # noqa: F401  (np.float for the lvis package, also in spawned workers)
     modeling,  # noqa: F401  (registers FCOS and Res5ROIHeadsExtraNorm)
 )
+from ._private import cpu_ddp
 from .config import config_label, load_config, num_classes_key, resolve_config, set_key
 from .datasets import DatasetSpec, register_dataset, resolve_dataset
-from .errors import TransferError
+from .errors import TransferError, first_line
 from .evaluate import DetectionEvaluator, read_details
 from .report import write_run_results
 from .scoring import EVALUATORS
@@ -70,7 +68,7 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg: CfgNode) -> None:
         if comm.get_world_size() > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
-            with _cpu_ddp():
+            with cpu_ddp():
                 super().__init__(cfg)
         else:
             super().__init__(cfg)
@@ -135,7 +133,7 @@ class SkippingMapper(DatasetMapper):
             return super().__call__(dataset_dict)
         except (OSError, SyntaxError) as err:  # what PIL raises for unreadable image data
             type(self).skipped += 1
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            first = first_line(err, 120)
             # under "detectron2" so that it reaches the run's log.txt with Detectron2's lines
             logging.getLogger("detectron2.transfer").warning(
                 "skipped unreadable image %s (%s); %d skipped by this loader worker so far",
@@ -191,17 +189,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-@contextlib.contextmanager
-def _cpu_ddp() -> Iterator[None]:
-    """Within the block, Detectron2's ``create_ddp_model`` passes ``device_ids=None``."""
-    original = d2_defaults.create_ddp_model
-    d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
-    try:
-        yield
-    finally:
-        d2_defaults.create_ddp_model = original
 
 
 @dataclass
@@ -380,8 +367,8 @@ def check_output_dir(out: Path, task: str, resume: bool) -> None:
     try:
         torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure: the file cannot be resumed from
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise TransferError(checkpoint, f"damaged checkpoint, cannot resume from it ({first}); "
+        raise TransferError(checkpoint, f"damaged checkpoint, cannot resume from it "
+                                        f"({first_line(err, 160)}); "
                                         f"point last_checkpoint at an earlier one or delete "
                                         f"it") from None
 

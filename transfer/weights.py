@@ -27,10 +27,10 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
-from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
-from .errors import TransferError
+from ._private import HookedCheckpointer, PurePythonUnpickler
+from .errors import TransferError, first_line, refused_global, refused_pickle
 
 #: State-dict names of the ResNet parts a converted checkpoint provides.
 _RESNET_KEY = re.compile(r"^(?:backbone\.(?:bottom_up\.)?|roi_heads\.)(?:stem\.|res[2-5]\.\d+\.)")
@@ -55,10 +55,6 @@ SAFE_PICKLE_GLOBALS: frozenset[tuple[str, str]] = frozenset({
     ("builtins", "bytearray"), ("builtins", "complex"),
 })
 
-_REFUSED_GLOBAL = re.compile(
-    r"(?:Unsupported global: GLOBAL |unsupported GLOBAL |but got <class ')([\w.]+)")
-
-
 class UnsafePickleError(pickle.UnpicklingError):
     """A pickle names a type or function outside :data:`SAFE_PICKLE_GLOBALS`."""
 
@@ -67,7 +63,7 @@ class UnsafePickleError(pickle.UnpicklingError):
         self.name = name
 
 
-class RestrictedUnpickler(pickle._Unpickler):
+class RestrictedUnpickler(PurePythonUnpickler):
     """An unpickler that rebuilds only numpy arrays and plain data (no code runs on load).
 
     It extends the pure-Python unpickler, whose memo is a dict: the C one sizes its memo
@@ -83,9 +79,8 @@ class RestrictedUnpickler(pickle._Unpickler):
 
 
 def _refusal(path: str, type_name: str) -> TransferError:
-    return TransferError(path, f"the weights file pickles a {type_name} object, which safe "
-                               f"loading refuses (it could run code); if you trust the file, "
-                               f"pass --unsafe-load")
+    return TransferError(path, refused_pickle(type_name, "if you trust the file, pass "
+                                                         "--unsafe-load"))
 
 
 _WARNED: set[str] = set()
@@ -110,16 +105,17 @@ def read_pickle(path: str, unsafe_load: bool = False) -> Any:
             if not unsafe_load:
                 raise _refusal(path, err.name) from None
         except Exception as err:  # noqa: BLE001 - a damaged pickle fails in any type it builds
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise TransferError(path, f"not a weights file Detectron2 can read (a .pkl from "
-                                      f"m2t-convert or a Detectron2 .pth): {first}") from None
+                                      f"m2t-convert or a Detectron2 .pth): "
+                                      f"{first_line(err, 200)}") from None
         _warn_unsafe(path)
         f.seek(0)
         return pickle.load(f, encoding="latin1")
 
 
-class SafeCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that never unpickles code from a file unless told to."""
+class SafeCheckpointer(HookedCheckpointer):
+    """``DetectionCheckpointer`` that never unpickles code from a file unless told to; after a
+    ``load``, ``incompatible`` holds its missing, unexpected and mis-shaped keys."""
 
     def __init__(self, *args: Any, unsafe_load: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -132,9 +128,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         return cls(other.model, other.save_dir, save_to_disk=other.save_to_disk,
                    unsafe_load=unsafe_load, **other.checkpointables)
 
-    def _load_file(self, filename: str) -> dict[str, Any]:
-        if not filename.endswith(".pkl"):
-            return super()._load_file(filename)
+    def read_pickle_file(self, filename: str) -> dict[str, Any]:
         data = read_pickle(self.path_manager.get_local_path(filename), self.unsafe_load)
         if not isinstance(data, dict):
             raise TransferError(filename, f"a weights pickle holds a dict, this one a "
@@ -148,27 +142,17 @@ class SafeCheckpointer(DetectionCheckpointer):
         data = {k: v for k, v in data.items() if not str(k).endswith("_momentum")}
         return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
-    def _torch_load(self, f: str) -> Any:
+    def read_torch_file(self, f: str) -> Any:
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            refused = _REFUSED_GLOBAL.search(str(err))
+            refused = refused_global(err)
             if refused is None:
                 raise
             if not self.unsafe_load:
-                raise _refusal(f, refused.group(1)) from None
+                raise _refusal(f, refused) from None
         _warn_unsafe(f)
         return torch.load(f, map_location="cpu", weights_only=False)
-
-
-class RecordingCheckpointer(SafeCheckpointer):
-    """A ``DetectionCheckpointer`` that keeps the incompatible keys of its last load."""
-
-    incompatible: _IncompatibleKeys | None = None
-
-    def _load_model(self, checkpoint: Any) -> _IncompatibleKeys:
-        self.incompatible = super()._load_model(checkpoint)
-        return self.incompatible
 
 
 @dataclass
@@ -196,19 +180,19 @@ def load_weights(model: nn.Module, path: str, unsafe_load: bool = False) -> Load
     file = Path(path)
     if not file.is_file():
         raise TransferError(path, "weights file not found")
-    checkpointer = RecordingCheckpointer(model, unsafe_load=unsafe_load)
+    checkpointer = SafeCheckpointer(model, unsafe_load=unsafe_load)
     try:
         checkpointer.load(str(file))
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError,
             AttributeError, TypeError, AssertionError, IndexError, MemoryError,
-            OverflowError) as err:
+            OverflowError, OSError) as err:  # OSError: torch's reader of a cut zip archive
         kind = file_kind(str(file))
         if kind is not None:
             raise TransferError(path, f"{kind}, not Detectron2 weights; convert it first: "
                                       f"m2t-convert {path} weights.pkl") from None
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise TransferError(path, f"not a weights file Detectron2 can read (a .pkl from "
-                                  f"m2t-convert or a Detectron2 .pth): {first}") from None
+                                  f"m2t-convert or a Detectron2 .pth): "
+                                  f"{first_line(err, 200)}") from None
     incompatible = checkpointer.incompatible
     missing = set(incompatible.missing_keys) if incompatible else set()
     expected = resnet_keys(model)
