@@ -8,6 +8,7 @@ from .momentum_bn import (
     bn_alpha,
     commit_momentum_bn,
     convert_to_momentum_bn,
+    discard_momentum_bn,
 )
 from .schedules import cosine_momentum, cosine_schedule, warmup_cosine_lr
 
@@ -17,6 +18,7 @@ __all__ = [
     "bn_alpha",
     "commit_momentum_bn",
     "convert_to_momentum_bn",
+    "discard_momentum_bn",
     "cosine_momentum",
     "cosine_schedule",
     "symmetric_byol_loss",

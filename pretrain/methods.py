@@ -17,7 +17,7 @@ from .config import Config
 from .ema import update_ema
 from .loss import cosine_gap, regression_loss, symmetric_byol_loss
 from .model import Encoder, Student
-from .momentum_bn import commit_momentum_bn, convert_to_momentum_bn
+from .momentum_bn import commit_momentum_bn, convert_to_momentum_bn, discard_momentum_bn
 from .schedules import cosine_momentum
 
 METHODS = Registry("METHOD")
@@ -40,7 +40,8 @@ class StudentTeacher(nn.Module):
     """Base method: BYOL-style student and EMA teacher.
 
     Subclasses say how the teacher is built (``_make_teacher``), how it embeds a view
-    (``teacher_embed``) and what happens to it after the optimiser step (``update_teacher``).
+    (``teacher_embed``) and what happens to it after the optimiser step (``update_teacher``:
+    the step is kept) or instead of it (``discard_step``: a non-finite loss, skipped).
 
     No method keeps a list of tensors between calls: ``Module.to()`` (a GPU, another dtype,
     channels_last) replaces buffers, and may replace parameters, so every pair the EMA
@@ -77,8 +78,10 @@ class StudentTeacher(nn.Module):
     def teacher_embed(self, x: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)
 
-    def after_teacher_forwards(self) -> None:
-        """Called once per step after the teacher has embedded both views."""
+    def discard_step(self) -> None:
+        """The step's loss was not finite and the step is skipped: drop what its forward
+        recorded (m2t's momentum BN keeps its statistics until ``update_teacher``)."""
+        discard_momentum_bn(self)
 
     def update_teacher(self, step: int) -> float:
         """EMA the teacher towards the student after optimiser step ``step``; returns m."""
@@ -94,7 +97,6 @@ class StudentTeacher(nn.Module):
         with torch.no_grad():
             k1 = self.teacher_embed(x1, out["f1"].detach())
             k2 = self.teacher_embed(x2, out["f2"].detach())
-            self.after_teacher_forwards()
         loss = symmetric_byol_loss(out["q1"], out["q2"], k1, k2)
         metrics = {"byol_loss": loss.detach()}
         if self.residual_weight:
@@ -134,9 +136,11 @@ class M2T(StudentTeacher):
         return convert_to_momentum_bn(teacher, self.total_steps,
                                       self.cfg.model.double_variance_correction)
 
-    def after_teacher_forwards(self) -> None:
-        if self.teacher.training:
-            commit_momentum_bn(self.teacher)
+    def update_teacher(self, step: int) -> float:
+        """The step is kept: fold the two views' batch statistics into the momentum BNs'
+        history (SPEC §1.1), then the weight EMA."""
+        commit_momentum_bn(self.teacher)
+        return super().update_teacher(step)
 
 
 @register("eman")

@@ -144,9 +144,19 @@ class _MomentumBatchNorm(nn.Module):
         self._host["step"] = (self.step, self.step._version, step + 1)
         self.num_batches_tracked.add_(1)
 
+    @torch.no_grad()
     def discard(self) -> None:
-        """Forget recorded statistics without updating (e.g. after a skipped step)."""
+        """End a step that is not kept (a non-finite loss): forget what it recorded, leave the
+        history as it is, and advance the step as ``commit()`` does, so that α stays on the
+        run's schedule like the trainer's other schedules. Does nothing if no training
+        forward happened since the last commit."""
+        if not self._recorded:
+            return
         self._recorded.clear()
+        step = self._host_value("step")
+        self.step.add_(1)
+        self._host["step"] = (self.step, self.step._version, step + 1)
+        self.num_batches_tracked.add_(1)
 
 
 class MomentumBatchNorm1d(_MomentumBatchNorm):
@@ -203,6 +213,12 @@ def momentum_bn_modules(module: nn.Module) -> list[_MomentumBatchNorm]:
 
 
 def commit_momentum_bn(module: nn.Module) -> None:
-    """Commit every momentum BN inside ``module`` (call once per training step)."""
+    """Commit every momentum BN inside ``module`` (once per kept training step)."""
     for m in momentum_bn_modules(module):
         m.commit()
+
+
+def discard_momentum_bn(module: nn.Module) -> None:
+    """Discard the step in every momentum BN inside ``module`` (once per skipped step)."""
+    for m in momentum_bn_modules(module):
+        m.discard()

@@ -33,6 +33,7 @@ from submitit.core.utils import FailedSubmissionError, UncompletedJobError
 
 from .config import Config, Range, apply_overrides, check_range
 from .errors import UserError
+from .hooks import HookBase
 
 DEFAULT_TIME_MIN = 24 * 60
 SIGNAL_DELAY_S = {"slurm": 120, "local": 30}  # how long before the limit the signal comes
@@ -141,12 +142,13 @@ class JobSpec:
     profile: int = 0
 
 
-class StopRequest:
+class StopRequest(HookBase):
     """A stop asked for by a signal, on any rank; the ranks agree on it after each step.
 
-    The handler only sets a flag (nothing else is safe in a signal handler); ``check`` (the
-    Trainer's ``stop_requested``) all-reduces it so that every rank stops after the same step.
-    The handler it replaces (submitit's) is kept: ``requeue`` calls it once last.pth is saved.
+    The handler only sets a flag (nothing else is safe in a signal handler); as the trainer's
+    last hook, ``after_step`` all-reduces it (``check``) so that every rank stops after the
+    same step. The handler it replaces (submitit's) is kept: ``requeue`` calls it once
+    last.pth is saved.
     """
 
     def __init__(self, signum: int) -> None:
@@ -172,7 +174,11 @@ class StopRequest:
         self._world_size = trainer.dist.world_size
         if self._world_size > 1 and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")
-        trainer.stop_requested = self.check
+        trainer.register_hooks([self])
+
+    def after_step(self) -> None:
+        if self.check():
+            self.trainer.request_stop()
 
     def check(self) -> bool:
         if self._world_size > 1:

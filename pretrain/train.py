@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,29 +16,22 @@ from torch import nn
 from torch.distributed.rendezvous import rendezvous
 from torch.nn.parallel import DistributedDataParallel
 
-from .augment import TwoViews, eval_transform
+from .augment import TwoViews
 from .checkpoint import FORMAT, VERSION, load_checkpoint, remove_partial_saves, save_atomic
 from .config import Config, apply_overrides, config_from_dict
 from .data import (
-    Loader,
     TwoViewDataset,
     Unreadable,
-    available_cpus,
-    check_same_classes,
-    collate_labelled,
     describe_unreadable,
-    image_folder,
     steps_per_epoch,
     total_steps_for,
-    with_transform,
 )
 from .errors import UserError
 from .feed import Feed
-from .knn import extract_features, knn_accuracy
+from .hooks import HookBase, KnnMonitor, PeriodicCheckpoint, Profile, ProgressLog, RunLog
 from .lars import LARS, split_bn_and_bias
 from .methods import StudentTeacher, build_method
-from .momentum_bn import bn_alpha, momentum_bn_modules
-from .rundir import CONFIG, METRICS, check_fresh, check_out, trim_metrics, write_atomic
+from .rundir import CONFIG, check_fresh, check_out, write_atomic
 from .schedules import scaled_lr, warmup_cosine_lr
 
 
@@ -129,79 +119,21 @@ def build_optimizer(cfg: Config, student: nn.Module, lr: float) -> torch.optim.O
                            weight_decay=o.weight_decay)
 
 
-class RunLog:
-    """metrics.jsonl + TensorBoard events + progress lines, written by rank 0 only.
-
-    A run that starts at ``step`` (resumed, or restarted before its first checkpoint) first
-    drops what an earlier attempt logged after that step: it logs those steps again.
-    """
-
-    def __init__(self, out: Path, enabled: bool, step: int = 0) -> None:
-        self.enabled = enabled
-        self.tb = None
-        if enabled:
-            dropped = trim_metrics(out / METRICS, step)
-            if dropped:
-                print(f"{out / METRICS}: dropped {dropped} record(s) logged after step {step} "
-                      f"by the attempt that stopped; this run logs those steps again",
-                      flush=True)
-            self.metrics = open(out / METRICS, "a", buffering=1)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                again = (out / "tb").exists()  # hide the events of the steps logged again
-                self.tb = SummaryWriter(str(out / "tb"), purge_step=step + 1 if again else None)
-            except ImportError:  # tensorboard is optional
-                self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.metrics.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.metrics.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 class Trainer:
-    """Everything a pretraining run holds; ``run()`` trains until K steps or ``stop_after``."""
+    """Everything a pretraining run holds; ``run()`` trains until K steps or ``stop_after``.
+
+    The loop (``run``) runs steps and ends epochs; logging, checkpoints, the kNN monitor and
+    the profiler are hooks (``pretrain/hooks.py``), and ``register_hooks`` adds more.
+    """
 
     def __init__(self, cfg: Config, data: str | Path, out: str | Path, val: str | None = None,
                  resume: bool = False, stop_after: int = 0, profile_steps: int = 0) -> None:
         self.out = Path(out)
         self.data, self.val = data, val
         self.stop_after = stop_after
-        self.profile_steps = profile_steps
-        # asked after every step (by every rank, in step): True ends the run there, with
-        # last.pth saved, as stop_after does (pretrain/slurm.py: preemption, time limit)
-        self.stop_requested: Callable[[], bool] | None = None
         check_out(self.out, data, val)
-        ckpt = None
-        last = self.out / "last.pth"
-        if resume:
-            if not last.exists():
-                raise UserError(f"{last}: nothing to resume (no last.pth in the run directory)")
-            ckpt = load_checkpoint(last)
-            saved = config_from_dict(ckpt["config"], str(last))
-            if saved.model != cfg.model:
-                raise UserError(f"{last}: the model settings differ from the checkpoint's; "
-                                f"resume with the saved config (see {self.out / 'config.yaml'})")
-        else:
+        ckpt = self._checkpoint_to_resume(cfg) if resume else None
+        if ckpt is None:
             check_fresh(self.out, cfg.dump())
         self.cfg = cfg
         check_device(cfg.train.device)
@@ -219,14 +151,34 @@ class Trainer:
         if self.per_epoch < 1:
             raise UserError(f"{data}: {self.feed.num_images} images are fewer than one batch of "
                             f"{cfg.data.batch_size} per process × {self.dist.world_size} processes")
-        self.knn_sets = self._knn_sets() if val is not None else None  # --val checked now
+        knn = (KnnMonitor(self.dataset.folder, data, val, cfg.data.image_size)
+               if val is not None else None)  # --val checked now, before the model is built
         self.total_steps, self.epochs = total_steps_for(cfg.train.epochs, cfg.train.steps,
                                                         self.per_epoch)
         self.total_batch = cfg.data.batch_size * self.dist.world_size
         self.base_lr = scaled_lr(cfg.optim.base_lr, self.total_batch)
         self.warmup_steps = min(int(round(cfg.optim.warmup_epochs * self.per_epoch)),
                                 self.total_steps)
+        self._build_model(ckpt)
+        self.bad_images = self.seen_images = self.skipped_steps = 0
+        self.hooks: list[HookBase] = []
+        self.register_hooks([*([Profile(profile_steps)] if profile_steps else []),
+                             ProgressLog(), PeriodicCheckpoint(), *([knn] if knn else [])])
 
+    def _checkpoint_to_resume(self, cfg: Config) -> dict[str, Any]:
+        last = self.out / "last.pth"
+        if not last.exists():
+            raise UserError(f"{last}: nothing to resume (no last.pth in the run directory)")
+        ckpt = load_checkpoint(last)
+        if config_from_dict(ckpt["config"], str(last)).model != cfg.model:
+            raise UserError(f"{last}: the model settings differ from the checkpoint's; "
+                            f"resume with the saved config (see {self.out / 'config.yaml'})")
+        return ckpt
+
+    def _build_model(self, ckpt: dict[str, Any] | None) -> None:
+        """The method, its optimiser and loss scaler, restored from ``ckpt`` when resuming;
+        ``self.student`` is what the step runs: DDP-wrapped and compiled as configured."""
+        cfg = self.cfg
         self.model: StudentTeacher = build_method(cfg, self.total_steps).to(self.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -235,7 +187,7 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # the step last.pth holds, once known
         if ckpt is not None:
-            self._restore(ckpt, last)
+            self._restore(ckpt, self.out / "last.pth")
             self.saved_step = self.step
         self.student: nn.Module = self.model.student
         if self.dist.world_size > 1:
@@ -243,9 +195,17 @@ class Trainer:
                 self.model.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.train.compile:
             self.student = torch.compile(self.student)
-        self.bad_images = 0
-        self.seen_images = 0
-        self.skipped_steps = 0
+
+    def register_hooks(self, hooks: list[HookBase]) -> None:
+        """Add hooks; they run after those already registered, in the order given."""
+        for hook in hooks:
+            hook.trainer = self
+        self.hooks.extend(hooks)
+
+    def request_stop(self) -> None:
+        """End ``run()`` after the current step, with last.pth saved, as ``stop_after`` does
+        (a hook calls it: preemption, time limit)."""
+        self.stop_at = self.step
 
     # ----- checkpoints ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -338,34 +298,6 @@ class Trainer:
         if epoch is not None:
             save_atomic(state, self.out / f"epoch_{epoch:04d}.pth")
 
-    # ----- monitoring -------------------------------------------------------------------
-    def _knn_sets(self) -> tuple[Any, Any]:
-        """The kNN monitor's memory bank (the training images) and ``--val``, checked."""
-        t = eval_transform(self.cfg.data.image_size)
-        val_set = image_folder(self.val, t, "--val folder")
-        check_same_classes(self.dataset.folder.classes, val_set.classes, self.data, self.val)
-        return with_transform(self.dataset.folder, t), val_set
-
-    def knn(self) -> dict[str, float]:
-        if self.knn_sets is None:
-            return {}
-        train_set, val_set = self.knn_sets
-
-        def loader(ds):
-            return Loader(ds, batch_size=256, num_workers=self.cfg.data.workers,
-                          collate_fn=collate_labelled)
-
-        result = {}
-        for branch in ("teacher", "student"):
-            backbone = self.model.export_backbone(branch)
-            tf, tl = extract_features(backbone, loader(train_set), self.device, report=False)
-            vf, vl = extract_features(backbone, loader(val_set), self.device,
-                                      report=self.dist.main and branch == "teacher")
-            result[f"knn_top1_{branch}"] = knn_accuracy(
-                tf, tl, vf, vl, len(train_set.classes), self.cfg.train.knn_k,
-                self.cfg.train.knn_temperature)
-        return result
-
     # ----- the loop ---------------------------------------------------------------------
     def _autocast(self):
         amp = self.cfg.train.amp
@@ -381,10 +313,10 @@ class Trainer:
         memory = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         v1 = v1.to(self.device, non_blocking=True, memory_format=memory)
         v2 = v2.to(self.device, non_blocking=True, memory_format=memory)
-        statistics: list[torch.Tensor] = []
-        if self.cfg.train.nonfinite == "skip":  # a skipped step must leave no BN statistics
-            statistics = [b for b in self.model.buffers() if b.is_floating_point()]
-            before = [b.detach().clone() for b in statistics]
+        # a skipped step must leave no BatchNorm statistics behind: the ordinary BNs update
+        # theirs in the forward, so they are put back; momentum BNs wait for the step's end
+        running = running_statistics(self.model) if self.cfg.train.nonfinite == "skip" else []
+        before = [b.clone() for b in running]
         with self._autocast():
             out = self.model(v1, v2, student=self.student)
         loss = out["loss"]
@@ -394,7 +326,8 @@ class Trainer:
                                     f"last checkpoint in {self.out} is from before this step "
                                     f"(train.nonfinite=skip skips such steps instead)")
             with torch.no_grad():
-                torch._foreach_copy_(statistics, before)
+                torch._foreach_copy_(running, before)
+            self.model.discard_step()
             self.skipped_steps += 1
             self.step += 1  # the schedules stay aligned; weights and BN statistics untouched
             return {**out, "lr": lr, "m": float("nan"), "skipped": True}
@@ -407,137 +340,77 @@ class Trainer:
         return {**out, "lr": lr, "m": m}
 
     def run(self) -> Path:
-        cfg = self.cfg
-        if self.dist.main:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-                write_atomic(self.out / CONFIG, cfg.dump().encode())
-            except OSError as exc:
-                raise UserError(f"{self.out}: cannot write the run directory "
-                                f"({exc.strerror or exc})") from None
-            for partial in remove_partial_saves(self.out):
-                print(f"removed {partial.name}: a checkpoint save that was interrupted",
-                      flush=True)
-        log = RunLog(self.out, self.dist.main, self.step)
-        log.print(f"momentum2 pretrain: {cfg.model.method} {cfg.model.arch}, "
-                  f"{len(self.dataset)} images, {self.per_epoch} steps/epoch, "
-                  f"{self.total_steps} steps, batch {cfg.data.batch_size}×{self.dist.world_size}, "
-                  f"lr {self.base_lr:.4g}, device {self.device}"
-                  + (f", resuming at step {self.step}" if self.step else ""))
-        if cfg.data.workers > available_cpus():
-            log.print(f"warning: data.workers={cfg.data.workers} is more than the "
-                      f"{available_cpus()} CPUs this process may use; loading may be slower "
-                      f"than with data.workers={available_cpus()}")
-        if self.feed.unreadable_at_start:
-            log.print(f"warning: left out {len(self.feed.unreadable_at_start)} unreadable "
-                      f"image(s) of the resident copy: "
-                      f"{describe_unreadable(self.feed.unreadable_at_start)}")
+        """Train from ``self.step`` to the end of the run, or ``stop_after`` steps further."""
+        self._open_run_dir()
+        self.log = RunLog(self.out, self.dist.main, self.step)
+        self.stop_at = (min(self.total_steps, self.step + self.stop_after) if self.stop_after
+                        else self.total_steps)
         self.model.train()
-        start_step, t0 = self.step, time.perf_counter()
-        window_t, window_images = t0, 0
-        stop_at = min(self.total_steps, self.step + self.stop_after) if self.stop_after else self.total_steps
-        profiler = self._profiler()
         try:
-            while self.step < stop_at:
-                epoch = self.step // self.per_epoch
-                loader = self.feed.batches(self.dist.rank, self.dist.world_size, epoch,
-                                           self.step % self.per_epoch)
-                for v1, v2, bad in loader:
-                    self._count_bad(bad, len(v1) + len(bad), log)
-                    if len(v1) < 2:
-                        if self.dist.world_size > 1:
-                            raise TrainingError(f"a batch at step {self.step} had fewer than 2 "
-                                                f"readable images")
-                        log.print(f"warning: skipping step {self.step}: fewer than 2 readable images")
-                        self.step += 1
-                        continue
-                    out = self.train_step(v1, v2)
-                    if out.get("skipped"):
-                        log.print(f"warning: non-finite loss at step {self.step - 1}: step "
-                                  f"skipped ({self.skipped_steps} so far)")
-                    if profiler is not None:
-                        profiler.step()
-                    window_images += len(v1) * self.dist.world_size
-                    if self.step % cfg.train.log_every == 0 or self.step == stop_at:
-                        window_t, window_images = self._log(out, log, window_t, window_images,
-                                                            start_step, t0)
-                    if cfg.train.save_every_steps and self.step % cfg.train.save_every_steps == 0:
-                        self.save()
-                    if self.stop_requested is not None and self.stop_requested():
-                        stop_at = self.step
-                    if self.step >= stop_at or self.step % self.per_epoch == 0:
+            self._call_hooks("before_train")
+            while self.step < self.stop_at:
+                epoch, start = divmod(self.step, self.per_epoch)
+                for v1, v2, bad in self.feed.batches(self.dist.rank, self.dist.world_size,
+                                                     epoch, start):
+                    self._count_bad(bad, len(v1) + len(bad))
+                    if self._enough_images(len(v1)):
+                        self.last_out, self.last_batch = self.train_step(v1, v2), len(v1)
+                        self._call_hooks("after_step")
+                    if self.step >= self.stop_at or self.step % self.per_epoch == 0:
                         break
                 if self.step % self.per_epoch == 0 or self.step >= self.total_steps:
-                    if self.seen_images and self.bad_images == self.seen_images:
-                        raise TrainingError(f"{self.data}: none of the {self.seen_images} images "
-                                            f"of an epoch could be read; fix the dataset")
-                    done_epoch = math.ceil(self.step / self.per_epoch)
-                    final = self.step >= self.total_steps
-                    keep = final or done_epoch % cfg.train.save_every_epochs == 0
-                    self.save(epoch=done_epoch if keep else None)
-                    if self.val and (final or done_epoch % cfg.train.knn_every_epochs == 0):
-                        res = self.knn()
-                        log.write({"step": self.step, "epoch": done_epoch, **res})
-                        log.print("kNN top-1 " + ", ".join(f"{k[9:]} {v:.2f}%" for k, v in res.items()))
+                    self._end_epoch()
             self.save()
         finally:
-            if profiler is not None:
-                profiler.stop()
-            log.close()
+            self._call_hooks("after_train")
+            self.log.close()
         return self.out / "last.pth"
 
-    def _profiler(self) -> torch.profiler.profile | None:
-        """A profiler that writes a Chrome/TensorBoard trace of ``profile_steps`` steps."""
-        if not self.profile_steps or not self.dist.main:
-            return None
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        trace_dir = self.out / "profile"
-        prof = torch.profiler.profile(
-            activities=activities,
-            schedule=torch.profiler.schedule(wait=0, warmup=2, active=self.profile_steps, repeat=1),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(trace_dir)),
-            record_shapes=False)
-        prof.start()
-        return prof
+    def _call_hooks(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(*args)
 
-    def _count_bad(self, bad: list[Unreadable], total: int, log: RunLog) -> None:
+    def _open_run_dir(self) -> None:
+        if not self.dist.main:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.out / CONFIG, self.cfg.dump().encode())
+        except OSError as exc:
+            raise UserError(f"{self.out}: cannot write the run directory "
+                            f"({exc.strerror or exc})") from None
+        for partial in remove_partial_saves(self.out):
+            print(f"removed {partial.name}: a checkpoint save that was interrupted", flush=True)
+
+    def _end_epoch(self) -> None:
+        if self.seen_images and self.bad_images == self.seen_images:
+            raise TrainingError(f"{self.data}: none of the {self.seen_images} images "
+                                f"of an epoch could be read; fix the dataset")
+        self._call_hooks("after_epoch", math.ceil(self.step / self.per_epoch),
+                         self.step >= self.total_steps)
+
+    def _enough_images(self, readable: int) -> bool:
+        """A step needs 2 readable images (BatchNorm); with fewer it is skipped, counted."""
+        if readable >= 2:
+            return True
+        if self.dist.world_size > 1:
+            raise TrainingError(f"a batch at step {self.step} had fewer than 2 readable images")
+        self.log.print(f"warning: skipping step {self.step}: fewer than 2 readable images")
+        self.step += 1
+        return False
+
+    def _count_bad(self, bad: list[Unreadable], total: int) -> None:
         self.seen_images += total
         if not bad:
             return
         self.bad_images += len(bad)
-        log.print(f"warning: skipped {len(bad)} unreadable image(s) at step {self.step} "
-                  f"({self.bad_images} so far): {describe_unreadable(bad)}")
+        self.log.print(f"warning: skipped {len(bad)} unreadable image(s) at step {self.step} "
+                       f"({self.bad_images} so far): {describe_unreadable(bad)}")
         if self.bad_images > self.cfg.data.max_bad_fraction * max(self.seen_images, 1) and \
                 self.seen_images >= 100:
             raise TrainingError(f"{self.data}: {self.bad_images} of {self.seen_images} images "
                                 f"could not be read (more than data.max_bad_fraction="
                                 f"{self.cfg.data.max_bad_fraction}); fix the dataset")
-
-    def _log(self, out: dict[str, Any], log: RunLog, window_t: float, window_images: int,
-             start_step: int, t0: float) -> tuple[float, int]:
-        now = time.perf_counter()
-        speed = window_images / max(now - window_t, 1e-9)
-        per_step = (now - t0) / max(self.step - start_step, 1)
-        eta = per_step * (self.total_steps - self.step)
-        record = {
-            "step": self.step, "epoch": self.step / self.per_epoch,
-            "loss": float(out["loss"].detach()), "byol_loss": float(out["byol_loss"]),
-            "lr": out["lr"], "m": out["m"], "gap": float(out["gap"]),
-            "img_per_s": speed, "bad_images": self.bad_images,
-            "skipped_steps": self.skipped_steps,
-        }
-        if "residual_loss" in out:
-            record["residual_loss"] = float(out["residual_loss"])
-        if momentum_bn_modules(self.model.teacher):  # the α this step mixed with
-            record["alpha"] = bn_alpha(self.step - 1, self.total_steps)
-        log.write(record)
-        alpha = f" α {record['alpha']:.4f}" if "alpha" in record else ""
-        log.print(f"step {self.step}/{self.total_steps} ({100 * self.step / self.total_steps:.0f}%) "
-                  f"loss {record['loss']:.4f} lr {record['lr']:.4g} m {record['m']:.5f}{alpha} "
-                  f"gap {record['gap']:.4f} {speed:.1f} img/s eta {_fmt_time(eta)}")
-        return now, 0
 
 
 def resume_config(out: str | Path, overrides: list[str]) -> Config:
@@ -556,6 +429,14 @@ def nonfinite_tensors(module: nn.Module) -> list[str]:
     if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
         return []
     return [n for n, t in named if not bool(torch.isfinite(t).all())]
+
+
+def running_statistics(module: nn.Module) -> list[torch.Tensor]:
+    """Running means and variances of the ordinary BatchNorm layers in ``module`` that update
+    them in a training forward (the student's; BYOL's teacher's). Momentum BN is not one."""
+    return [b for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            and m.track_running_stats for b in (m.running_mean, m.running_var)]
 
 
 def _as_random_state(state: Any) -> tuple:

@@ -642,20 +642,20 @@ def test_ctrl_c_between_saves_then_resume_logs_every_step_once(
     saves, a record cut in half by a kill: the finished run's metrics.jsonl holds each of its
     steps once, and none of the garbage."""
     from pretrain.checkpoint import load_checkpoint
-    from pretrain.train import Trainer
+    from pretrain.hooks import ProgressLog
 
     run = tmp_path / "run"
     argv = [*train(ws, run), "train.save_every_steps=3", "--resume"]
-    log_step = Trainer._log  # train.log_every=1: each step is logged, then maybe saved
+    log_step = ProgressLog._write  # train.log_every=1: each step is logged, then maybe saved
     interrupt_at: list[int] = []
 
     def log_then_ctrl_c(self, *args, **kwargs):
         result = log_step(self, *args, **kwargs)
-        if self.step in interrupt_at:
+        if self.trainer.step in interrupt_at:
             signal.raise_signal(signal.SIGINT)  # the user presses Ctrl-C
         return result
 
-    monkeypatch.setattr(Trainer, "_log", log_then_ctrl_c)
+    monkeypatch.setattr(ProgressLog, "_write", log_then_ctrl_c)
     for stop in (2, 5):  # before the first save (step 3); between the saves at 3 and 6
         interrupt_at[:] = [stop]
         assert main(argv) == 130

@@ -25,6 +25,7 @@ from pretrain.__main__ import main
 from pretrain.checkpoint import load_checkpoint, save_atomic
 from pretrain.config import load_config
 from pretrain.errors import UserError
+from pretrain.momentum_bn import momentum_bn_modules
 from pretrain.train import Trainer
 
 from .conftest import ENV, REPO, TINY, checkpoint_files, copy_run, error_line
@@ -198,6 +199,10 @@ def test_the_skip_policy_skips_and_counts_steps_and_leaves_the_model_untouched(
     for name, tensor in snapshots[1].items():
         assert torch.equal(tensor, after_first_skip[name]), name
     assert all(torch.isfinite(t).all() for t in after_skips.values())
+    # m2t's momentum BNs dropped the skipped steps' statistics (above) and still counted the
+    # steps, so their α follows the run's schedule: 4 steps, 2 of them skipped
+    bns = momentum_bn_modules(trainer.model.teacher)
+    assert bns and {int(bn.step) for bn in bns} == {4}
 
 
 def test_weights_that_turn_non_finite_are_never_saved_over_the_last_good_checkpoint(

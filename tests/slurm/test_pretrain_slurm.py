@@ -126,26 +126,25 @@ def test_a_two_task_job_preempted_mid_run_requeues_and_ends_as_torchrun_does(
 
 def test_a_signal_stops_the_trainer_after_the_step_it_came_in(tiny_train: Path,
                                                               tmp_path: Path) -> None:
-    """The mechanism alone, in this process: the handler sets a flag, the Trainer asks it
-    after each step and stops there with last.pth saved."""
+    """The mechanism alone, in this process: the handler sets a flag, the stop hook asks it
+    after each step and the Trainer stops there with last.pth saved."""
     from pretrain.checkpoint import load_checkpoint
     from pretrain.config import load_config
+    from pretrain.hooks import HookBase
     from pretrain.slurm import StopRequest
     from pretrain.train import Trainer
+
+    class SignalDuringStep2(HookBase):
+        def after_step(self) -> None:
+            if self.trainer.step == 2:
+                os.kill(os.getpid(), signal.SIGUSR2)
 
     trainer = Trainer(load_config(None, [*TINY, "train.device=cpu"]), tiny_train,
                       tmp_path / "run")
     stop = StopRequest(signal.SIGUSR2).install()
     try:
+        trainer.register_hooks([SignalDuringStep2()])
         stop.attach(trainer)
-        agree = trainer.stop_requested
-
-        def signalled_during_step_2() -> bool:
-            if trainer.step == 2:
-                os.kill(os.getpid(), signal.SIGUSR2)
-            return agree()
-
-        trainer.stop_requested = signalled_during_step_2
         last = trainer.run()
     finally:
         signal.signal(signal.SIGUSR2, stop.previous)
