@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os  # noqa: F401  (tests patch pretrain.checkpoint.os.fsync: the fsync of replace_file)
 import pickle
 import re
 import warnings
