@@ -35,6 +35,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from .data import Unreadable
+from .errors import first_line
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -91,7 +92,7 @@ def read_header(data: torch.Tensor | bytes) -> ImageHeader | None:
 
 def _reason(exc: Exception) -> str:
     """A decoder's complaint without torchvision's C++ source location or PIL's object repr."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = first_line(exc)
     first = re.sub(r"^\w+, \S+:\d+, ", "", first)
     first = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", first)
     return (first or type(exc).__name__)[:100]

@@ -6,13 +6,15 @@ from collections.abc import Iterable
 
 import torch
 
+from ._private import lerp_all_
+
 
 @torch.no_grad()
 def update_ema(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor],
                momentum: float) -> None:
     """θ_T ← m θ_T + (1 − m) θ_S over paired tensors, with one fused foreach call.
 
-    ``torch._foreach_lerp_(T, S, 1 − m)`` computes T + (1 − m)(S − T) = m T + (1 − m) S.
+    ``lerp_all_(T, S, 1 − m)`` computes T + (1 − m)(S − T) = m T + (1 − m) S.
 
     >>> t, s = [torch.zeros(2)], [torch.ones(2)]
     >>> update_ema(t, s, 0.75); t[0].tolist()
@@ -22,7 +24,7 @@ def update_ema(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor],
     if len(t) != len(s):
         raise ValueError(f"teacher has {len(t)} tensors, student {len(s)}")
     if t:
-        torch._foreach_lerp_(t, s, 1.0 - momentum)
+        lerp_all_(t, s, 1.0 - momentum)
 
 
 def update_ema_loop(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor],

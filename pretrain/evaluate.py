@@ -19,7 +19,7 @@ from .augment import eval_transform
 from .checkpoint import load_checkpoint
 from .config import config_from_dict
 from .data import Loader, check_same_classes, collate_labelled, image_folder
-from .errors import UserError
+from .errors import UserError, first_line
 from .knn import extract_features, knn_accuracy
 from .methods import build_method
 from .model import build_backbone
@@ -44,8 +44,8 @@ def load_backbone(run_or_checkpoint: str | Path, branch: str) -> tuple[nn.Module
         model.student.load_state_dict(ckpt["student"])
         model.teacher.load_state_dict(ckpt["teacher"])
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"{path}: checkpoint does not fit its own config: {first}") from None
+        raise UserError(f"{path}: checkpoint does not fit its own config: "
+                        f"{first_line(exc, 200)}") from None
     return model.export_backbone(branch).eval(), {"path": str(path), "config": cfg,
                                                    "step": int(ckpt["step"])}
 

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ._private import BatchNorm
+
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose per-tensor step is scaled by η‖w‖ / ‖∇w + λw‖.
@@ -57,7 +59,7 @@ def split_bn_and_bias(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
         for name, p in mod.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm) or name == "bias" or p.ndim == 1:
+            if isinstance(mod, BatchNorm) or name == "bias" or p.ndim == 1:
                 exclude.append(p)
             else:
                 adapt.append(p)

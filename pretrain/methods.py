@@ -13,6 +13,7 @@ import torch
 from fvcore.common.registry import Registry
 from torch import nn
 
+from ._private import BatchNorm, register_as
 from .config import Config
 from .ema import update_ema
 from .loss import cosine_gap, regression_loss, symmetric_byol_loss
@@ -29,7 +30,7 @@ def register(name: str):
     """Register a method class under ``name`` (the value of ``model.method``)."""
 
     def deco(cls: type) -> type:
-        METHODS._do_register(name, cls)
+        register_as(METHODS, name, cls)
         cls.method_name = name
         return cls
 
@@ -156,9 +157,9 @@ class EMAN(StudentTeacher):
     def bn_stat_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
         """Teacher and student running means/vars and counters, looked up now (buffers are
         replaced by every ``.to()``: a list kept from ``__init__`` would go stale)."""
-        t_bns = [m for m in self.teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        t_bns = [m for m in self.teacher.modules() if isinstance(m, BatchNorm)]
         s_bns = [m for m in (*self.student.backbone.modules(), *self.student.projector.modules())
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                 if isinstance(m, BatchNorm)]
         stats_t = [b for m in t_bns for b in (m.running_mean, m.running_var)]
         stats_s = [b for m in s_bns for b in (m.running_mean, m.running_var)]
         counters = [(t.num_batches_tracked, s.num_batches_tracked) for t, s in zip(t_bns, s_bns, strict=True)]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._private import BatchNorm, version
 from .schedules import cosine_schedule
 
 
@@ -73,8 +74,8 @@ class _MomentumBatchNorm(nn.Module):
         ``fill_``, ``.to()``); ``commit()`` records the step it advances to itself."""
         buf = getattr(self, name)
         seen = self._host.get(name)
-        if seen is None or seen[0] is not buf or seen[1] != buf._version:
-            seen = (buf, buf._version, int(buf))
+        if seen is None or seen[0] is not buf or seen[1] != version(buf):
+            seen = (buf, version(buf), int(buf))
             self._host[name] = seen
         return seen[2]
 
@@ -141,7 +142,7 @@ class _MomentumBatchNorm(nn.Module):
         self.running_var.lerp_(variances.to(self.running_var.dtype), a)
         self._recorded.clear()
         self.step.add_(1)
-        self._host["step"] = (self.step, self.step._version, step + 1)
+        self._host["step"] = (self.step, version(self.step), step + 1)
         self.num_batches_tracked.add_(1)
 
     @torch.no_grad()
@@ -155,7 +156,7 @@ class _MomentumBatchNorm(nn.Module):
         self._recorded.clear()
         step = self._host_value("step")
         self.step.add_(1)
-        self._host["step"] = (self.step, self.step._version, step + 1)
+        self._host["step"] = (self.step, version(self.step), step + 1)
         self.num_batches_tracked.add_(1)
 
 
@@ -181,7 +182,7 @@ def convert_to_momentum_bn(module: nn.Module, total_steps: int,
     kinds = {nn.BatchNorm1d: MomentumBatchNorm1d, nn.BatchNorm2d: MomentumBatchNorm2d,
              nn.SyncBatchNorm: None}
 
-    def swap(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    def swap(bn: BatchNorm) -> nn.Module:
         cls = kinds.get(type(bn))
         if cls is None:  # SyncBatchNorm: choose by the running statistics' use (2d backbones)
             cls = MomentumBatchNorm2d

@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.rendezvous import rendezvous
 from torch.nn.parallel import DistributedDataParallel
 
+from ._private import BatchNorm, copy_all_
 from .augment import TwoViews
 from .checkpoint import FORMAT, VERSION, load_checkpoint, remove_partial_saves, save_atomic
 from .config import Config, apply_overrides, config_from_dict
@@ -26,7 +27,7 @@ from .data import (
     steps_per_epoch,
     total_steps_for,
 )
-from .errors import UserError
+from .errors import UserError, first_line
 from .feed import Feed
 from .hooks import HookBase, KnnMonitor, PeriodicCheckpoint, Profile, ProgressLog, RunLog
 from .lars import LARS, split_bn_and_bias
@@ -250,13 +251,13 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = first_line(exc, 200)
             raise UserError(f"{path}: checkpoint does not fit this model: {first}") from None
         try:
             torch.set_rng_state(ckpt["rng"]["torch"])
             random.setstate(_as_random_state(ckpt["rng"]["python"]))
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = first_line(exc, 200)
             raise UserError(f"{path}: damaged checkpoint: its random-number state cannot be "
                             f"restored ({first})") from None
         per_rank = ckpt.get("teacher_buffers_by_rank")
@@ -267,7 +268,7 @@ class Trainer:
                     for name, buf in self.model.teacher.named_buffers():
                         buf.copy_(own[name])
             except (KeyError, RuntimeError, TypeError) as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                first = first_line(exc, 200)
                 raise UserError(f"{path}: damaged checkpoint: rank {self.dist.rank}'s teacher "
                                 f"statistics do not fit ({first})") from None
         self.step = int(ckpt["step"])
@@ -326,7 +327,7 @@ class Trainer:
                                     f"last checkpoint in {self.out} is from before this step "
                                     f"(train.nonfinite=skip skips such steps instead)")
             with torch.no_grad():
-                torch._foreach_copy_(running, before)
+                copy_all_(running, before)
             self.model.discard_step()
             self.skipped_steps += 1
             self.step += 1  # the schedules stay aligned; weights and BN statistics untouched
@@ -435,7 +436,7 @@ def running_statistics(module: nn.Module) -> list[torch.Tensor]:
     """Running means and variances of the ordinary BatchNorm layers in ``module`` that update
     them in a training forward (the student's; BYOL's teacher's). Momentum BN is not one."""
     return [b for m in module.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            if isinstance(m, BatchNorm) and m.training
             and m.track_running_stats for b in (m.running_mean, m.running_var)]
 
 
