@@ -13,7 +13,8 @@ Two results files are generated from the real annotations in ``../shared/data`` 
 - **LVIS-sized**: ``--lvis-images`` images (2,000 by default, a tenth of LVIS v1 val's
   19,809: the official API on the full size would not fit this benchmark's budget on 2 cores)
   with ``--lvis-dets`` (300, LVIS's limit) detections each over the 62 ``lvis_mini`` images
-  (v0.5, 1,230 categories), false positives
+  (v0.5, 1,230 categories; each repeat renames every category to another of the same
+  frequency, so that ground truth covers about half the categories, not 139), false positives
   of positive, negative and unjudged categories (the last are dropped by the federated
   evaluation, as a real detector's are).
 
@@ -82,17 +83,33 @@ def generate(source: Path, images: int, dets_per_image: int, seed: int,
     for ann in src["annotations"]:
         by_image[ann["image_id"]].append(ann)
     cat_ids = [c["id"] for c in src["categories"]]
+    same_frequency: dict[Any, list[int]] = defaultdict(list)
+    for c in src["categories"]:
+        same_frequency[c.get("frequency")].append(c["id"])
     gt_images, gt_anns, dets = [], [], []
+    relabel: dict[int, int] = {}
     for i in range(images):
         s = src["images"][i % len(src["images"])]
+        if lvis and i % len(src["images"]) == 0:
+            # each repeat of the LVIS images renames every category to another of the same
+            # frequency, so that ground truth spreads over many categories as in LVIS val,
+            # not over the 139 of the 62 lvis_mini images only
+            relabel = {}
+            for ids in same_frequency.values():
+                relabel.update(zip(ids, rng.sample(ids, len(ids)) if i else ids, strict=True))
         image_id = i + 1
-        gt_images.append({**s, "id": image_id})
+        objects = [{**a, "category_id": relabel.get(a["category_id"], a["category_id"])}
+                   for a in by_image[s["id"]]]
+        image = {**s, "id": image_id}
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            if key in s:
+                image[key] = [relabel.get(c, c) for c in s[key]]
+        gt_images.append(image)
         h, w = s["height"], s["width"]
-        objects = by_image[s["id"]]
         for ann in objects:
             gt_anns.append({**ann, "id": len(gt_anns) + 1, "image_id": image_id})
         present = sorted({a["category_id"] for a in objects})
-        negative = list(s.get("neg_category_ids", []))
+        negative = list(image.get("neg_category_ids", []))
         mine: list[dict[str, Any]] = []
         for ann in objects:
             if ann.get("iscrowd") or not isinstance(ann["segmentation"], list):
@@ -271,7 +288,10 @@ def main() -> None:
             gt_file.write_text(json.dumps(gt))
             dets_file.write_text(json.dumps(dets))
             sizes[kind] = {"images": len(gt["images"]), "annotations": len(gt["annotations"]),
-                           "categories": len(gt["categories"]), "detections": len(dets),
+                           "categories": len(gt["categories"]),
+                           "categories_with_gt": len({a["category_id"]
+                                                      for a in gt["annotations"]}),
+                           "detections": len(dets),
                            "per_image": per_image,
                            "results_file_mib": round(dets_file.stat().st_size / 2**20, 1),
                            "generation_s": round(time.perf_counter() - start, 1)}
@@ -297,7 +317,10 @@ def write_report(data: dict[str, Any], info: dict[str, Any],
         per_image = s.get("per_image", s["detections"] // s["images"])
         size = (f"{s['images']:,} images (the {sources[kind].relative_to(DATA).parts[0]} images "
                 f"repeated with fresh noise), {s['annotations']:,} ground-truth objects, "
-                f"{s['categories']:,} categories, {s['detections']:,} detections "
+                f"{s['categories']:,} categories"
+                + (f" ({s['categories_with_gt']:,} with ground truth)"
+                   if "categories_with_gt" in s else "")
+                + f", {s['detections']:,} detections "
                 f"({per_image} per image, boxes and RLE masks; results file "
                 f"{s['results_file_mib']} MiB).")
         real_images = REAL_IMAGES[kind]

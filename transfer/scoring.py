@@ -152,6 +152,11 @@ class Scorer:
         self.categories = [{k: c[k] for k in ("id", "name", "frequency") if k in c}
                            for c in sorted(cats, key=lambda c: c["id"])]
         self._judged: dict[int, set[int]] | None = None
+        # A category without ground truth has no AP (precision -1 throughout, whatever was
+        # detected), so the fast evaluator scores only the others: its per-(image, category)
+        # set-up costs images × categories, and LVIS has 1,230 or 1,203 categories.
+        with_gt = {a["category_id"] for a in self.gt.dataset["annotations"]}
+        self._scored = [i for i, c in enumerate(self.categories) if c["id"] in with_gt]
         if kind == "lvis" and evaluator == "fast":
             # LVIS judges an image only on its positive and negative categories.
             judged: dict[int, set[int]] = defaultdict(set)
@@ -174,8 +179,10 @@ class Scorer:
             raise ValueError(f"task must be 'bbox' or 'segm', not {task!r}")
         # The APIs write area, id, ... into each result: give them shallow copies. For segm,
         # drop the box so that areas are mask areas (Detectron2's convention).
-        dets = [{k: v for k, v in d.items() if not (task == "segm" and k == "bbox")}
-                for d in detections]
+        dets = [dict(d) for d in detections]
+        if task == "segm":
+            for d in dets:
+                d.pop("bbox", None)
         with contextlib.redirect_stdout(io.StringIO()), _quiet_logger("lvis.results"):
             if self.evaluator == "fast":
                 metrics, precision = self._fast(dets, task)
@@ -201,12 +208,17 @@ class Scorer:
         ev = COCOeval_faster(self.gt, self.gt.loadRes(dets), task, lvis_style=lvis,
                              print_function=_quiet)
         ev.params.maxDets = [LVIS_MAX_DETS] if lvis else list(COCO_MAX_DETS)
+        scored = self._scored or list(range(len(self.categories)))  # no ground truth at all
+        ev.params.catIds = [self.categories[i]["id"] for i in scored]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
         stats = ev.stats_as_dict
         metrics = {name: _metric(stats[_FAST_NAMES[name]]) for name in self.metric_names}
-        return metrics, np.asarray(ev.eval["precision"])[..., -1]
+        part = np.asarray(ev.eval["precision"])[..., -1]  # [T, R, K scored, A]
+        precision = np.full(part.shape[:2] + (len(self.categories),) + part.shape[3:], -1.0)
+        precision[:, :, scored] = part
+        return metrics, precision
 
     def _official_coco(self, dets: list[dict[str, Any]],
                        task: str) -> tuple[dict[str, float], np.ndarray]:
