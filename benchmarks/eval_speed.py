@@ -18,6 +18,8 @@ Two results files are generated from the real annotations in ``../shared/data`` 
   of positive, negative and unjudged categories (the last are dropped by the federated
   evaluation, as a real detector's are).
 
+Scores are unrounded floats, as a detector's are (few ties).
+
 Each (dataset, evaluator) pair is scored in a fresh process (``transfer.scoring.Scorer``:
 load the ground truth, then ``bbox`` and ``segm``, as ``m2t-transfer evaluate`` and the
 trainer do), the evaluators alternating; the child reports wall and CPU time per step and its
@@ -125,7 +127,7 @@ def generate(source: Path, images: int, dets_per_image: int, seed: int,
                 mine.append({"image_id": image_id, "category_id": ann["category_id"],
                              "bbox": [x + bw / 2 * (1 - scale) + dx, y + bh / 2 * (1 - scale) + dy,
                                       bw * scale, bh * scale],
-                             "score": round(rng.uniform(0.3, 1.0) / (copy + 1), 4),
+                             "score": rng.uniform(0.3, 1.0) / (copy + 1),
                              "segmentation": _rle(seg, h, w)})
         boxes = []
         while len(mine) + len(boxes) < dets_per_image:
@@ -146,7 +148,7 @@ def generate(source: Path, images: int, dets_per_image: int, seed: int,
                 x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
             x, y = min(max(x, 0.0), w - 2.0), min(max(y, 0.0), h - 2.0)
             bw, bh = max(1.0, min(bw, w - x)), max(1.0, min(bh, h - y))
-            boxes.append((cat, [x, y, bw, bh], round(rng.uniform(0.0, 0.6), 4)))
+            boxes.append((cat, [x, y, bw, bh], rng.uniform(0.0, 0.6)))
         rects = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh] for _, (x, y, bw, bh), _ in boxes]
         masks = _rle(rects, h, w, merge=False) if rects else []
         for (cat, box, score), mask in zip(boxes, masks, strict=True):
