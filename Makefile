@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml tools/install_detectron2.py
 	$(BIN)/python tools/install_detectron2.py
 	touch $(STAMP)
 
+# the suite runs on one worker per core, at most 4 (tests/conftest.py: one torch thread each);
+# a test file's tests stay on one worker, so module fixtures are built once, and files start
+# in the order tests/conftest.py gives them (the longest first), not by their number of tests
+JOBS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder tests
 
 demo: $(STAMP)
 	$(BIN)/python -m transfer.demo --out demo_output

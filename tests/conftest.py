@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core (pytest-xdist): one torch thread each, here and in
+    # the processes tests start, since OpenMP threads that outnumber the cores spin
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MOMENTUM2_DATA", REPO.parent / "shared" / "data"))
 
@@ -74,3 +82,24 @@ def drop_logging_handlers_added_by_the_test():
             if handler not in before.get(name, []):
                 logging.getLogger(name).removeHandler(handler)
                 handler.close()
+
+
+#: The longest test files (``--durations`` of a full run), started first, longest first: with
+#: ``make test``'s workers taking a file at a time, a long file started late would keep one
+#: worker busy while the others sit idle.
+LONGEST_FIRST = ("test_gpu_check.py", "test_demo.py", "test_distributed_resume.py",
+                 "test_pretrain_faults.py", "test_pretrain_slurm.py",
+                 "test_distributed_restart.py", "test_transfer_resume.py",
+                 "test_transfer_slurm.py", "test_hostile_transfer.py", "test_method_matrix.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest files first, then the other files with slow tests, then the rest."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        if item.path.name in LONGEST_FIRST:
+            return 0, LONGEST_FIRST.index(item.path.name)
+        return (1 if item.path in slow_files else 2), 0
+
+    items.sort(key=rank)  # stable: the order within a file stays

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from .conftest import run_ddp_check
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_keep_identical_student_and_teacher(tiny_train: Path,
                                                                tmp_path: Path) -> None:
     stdout, lines = run_ddp_check(tiny_train, tmp_path / "run", "train.steps=4")

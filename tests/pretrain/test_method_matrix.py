@@ -62,6 +62,7 @@ def test_method_resumes_exactly_and_converts(method: str, tiny_train: Path,
                                a["student"]["backbone.conv1.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_keeps_two_gloo_ranks_in_lock_step(method: str, tiny_train: Path,
                                                   tmp_path: Path) -> None:

@@ -99,6 +99,7 @@ def test_shipped_cpu_recipe_loads_and_says_what_it_is() -> None:
     assert cfg.data.image_size == 32
 
 
+@pytest.mark.slow
 def test_learning_curve_script_runs_on_a_tiny_budget(tiny_train: Path, tiny_val: Path,
                                                      tmp_path: Path) -> None:
     out = tmp_path / "out"

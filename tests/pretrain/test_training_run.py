@@ -49,6 +49,7 @@ def test_short_run_lowers_the_loss_and_writes_the_run_directory(tiny_train: Path
     assert int(ckpt["teacher"]["backbone.bn1.step"]) == 16
 
 
+@pytest.mark.slow
 def test_resume_is_exact_two_n_steps_equal_n_plus_resume_plus_n(tiny_train: Path,
                                                                 tmp_path: Path) -> None:
     full, split = tmp_path / "full", tmp_path / "split"

@@ -88,6 +88,7 @@ def task_pids(controller: int) -> dict[int, int]:
     return ranks
 
 
+@pytest.mark.slow
 def test_a_two_task_job_preempted_mid_run_requeues_and_ends_as_torchrun_does(
         tiny_train: Path, tmp_path: Path, torchrun_last, capsys) -> None:
     """One job for both claims (each start of a task costs seconds of imports): its second
