@@ -139,3 +139,25 @@ def test_the_three_commands_exit_2_with_one_error_line_naming_the_file(
         error_line(capsys.readouterr().err, path)
         assert not marker.exists() and not out.exists(), command
         assert not (tmp_path / "run").exists(), command
+
+
+def test_the_copies_of_the_error_plumbing_stay_identical() -> None:
+    """The packages import nothing of each other, so each keeps a copy (issue 17): the same
+    source, so that the three cannot drift apart."""
+    import inspect
+
+    import convert.errors
+    import pretrain.errors
+    import pretrain.rundir
+    import transfer.errors
+    import transfer.files
+
+    for name in ("first_line", "refused_global", "refused_pickle"):
+        sources = {inspect.getsource(getattr(m, name))
+                   for m in (pretrain.errors, convert.errors, transfer.errors)}
+        assert len(sources) == 1, name
+    patterns = {m._REFUSED_GLOBAL.pattern for m in (pretrain.errors, convert.errors,
+                                                    transfer.errors)}
+    assert len(patterns) == 1
+    assert inspect.getsource(pretrain.rundir.replace_file) == \
+        inspect.getsource(transfer.files.replace_file)
