@@ -225,7 +225,10 @@ class Scorer:
         Python loop (about 30 µs a detection); one call each over all the masks gives the same
         values: with the boxes filled in, loadRes takes its box branch (area w × h), and the
         mask areas then replace those, as its mask branch would have set them."""
+        lvis = self.kind == "lvis"
         if task != "segm" or not dets:
+            if lvis:  # see below: the lvis package leaves out results of area 0
+                dets = [d for d in dets if d["bbox"][2] * d["bbox"][3] > 0]
             return self.gt.loadRes(dets)
         from faster_coco_eval.core import mask as mask_api
 
@@ -233,6 +236,12 @@ class Scorer:
         areas, boxes = mask_api.area(rles), mask_api.toBbox(rles)
         for d, box in zip(dets, boxes.tolist(), strict=True):
             d["bbox"] = box
+        if lvis:
+            # LVISEval reads results through LVIS.get_ann_ids, which keeps 0 < area only: an
+            # empty mask (or a box of no width) is not evaluated at all, while faster-coco-eval
+            # would count it as a false positive
+            keep = areas > 0
+            dets, areas = [d for d, k in zip(dets, keep.tolist(), strict=True) if k], areas[keep]
         results = self.gt.loadRes(dets)
         for d, area in zip(results.dataset["annotations"], areas, strict=True):
             d["area"] = area
