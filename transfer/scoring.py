@@ -23,6 +23,7 @@ is none. Both evaluators return exactly that.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import math
@@ -47,6 +48,10 @@ LVIS_NAMES = COCO_NAMES + ("APr", "APc", "APf")
 CURVES = ("IoU=0.50", "IoU=0.75", "small", "medium", "large")
 #: Recall at which every curve is sampled (COCO's 101 points, as in its accumulate()).
 RECALL = np.linspace(0.0, 1.0, 101)
+#: The fast evaluator scores category by category when fewer than this share of the (image,
+#: category) pairs hold ground truth or a detection (on the benchmark's files: COCO-val-sized
+#: 40%, one pass over all pairs is faster; LVIS-sized 1.5%, category by category is).
+PER_CATEGORY_BELOW = 0.25
 _FAST_NAMES = {"AP": "AP_all", "AP50": "AP_50", "AP75": "AP_75", "APs": "AP_small",
                "APm": "AP_medium", "APl": "AP_large", "APr": "APr", "APc": "APc", "APf": "APf"}
 
@@ -155,8 +160,11 @@ class Scorer:
         # A category without ground truth has no AP (precision -1 throughout, whatever was
         # detected), so the fast evaluator scores only the others: its per-(image, category)
         # set-up costs images × categories, and LVIS has 1,230 or 1,203 categories.
-        with_gt = {a["category_id"] for a in self.gt.dataset["annotations"]}
-        self._scored = [i for i, c in enumerate(self.categories) if c["id"] in with_gt]
+        self._gt_by_category: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for ann in self.gt.dataset["annotations"]:
+            self._gt_by_category[ann["category_id"]].append(ann)
+        self._scored = [i for i, c in enumerate(self.categories)
+                        if c["id"] in self._gt_by_category]
         if kind == "lvis" and evaluator == "fast":
             # LVIS judges an image only on its positive and negative categories.
             judged: dict[int, set[int]] = defaultdict(set)
@@ -177,9 +185,15 @@ class Scorer:
         """
         if task not in ("bbox", "segm"):
             raise ValueError(f"task must be 'bbox' or 'segm', not {task!r}")
+        with _collector_paused():
+            return self._score(list(detections), task)
+
+    def _score(self, dets: list[Mapping[str, Any]], task: str) -> TaskScore:
+        if self.evaluator == "fast" and self.kind == "lvis" and self._judged is not None:
+            dets = self._federated(dets)
         # The APIs write area, id, ... into each result: give them shallow copies. For segm,
         # drop the box so that areas are mask areas (Detectron2's convention).
-        dets = [dict(d) for d in detections]
+        dets = [dict(d) for d in dets]
         if task == "segm":
             for d in dets:
                 d.pop("bbox", None)
@@ -193,59 +207,115 @@ class Scorer:
         return TaskScore(task, metrics, precision, self.categories)
 
     def _fast(self, dets: list[dict[str, Any]], task: str) -> tuple[dict[str, float], np.ndarray]:
+        """faster-coco-eval's evaluation and accumulation, then its ``summarize`` over the
+        precision and recall of every category.
+
+        A category's precision and recall depend only on the images where it has ground truth
+        or a detection (COCOeval skips every other image). One evaluation over all categories
+        loops over every (image, category) pair, in Python and in C++; where most pairs are
+        empty (LVIS: on v1 val 24 million pairs, about 1% of them with anything in them) each
+        category is evaluated on its own images instead, which gives the same arrays.
+        """
+        from faster_coco_eval import COCO as FastCOCO
         from faster_coco_eval import COCOeval_faster
 
         lvis = self.kind == "lvis"
-        if lvis and self._judged is not None:
-            dets = top_per_image(dets, self.max_dets_per_image)
-            # The federated rule drops detections of categories neither positive nor negative
-            # in their image. faster-coco-eval 1.8.0 applies it too, but fails (IndexError
-            # "unordered_map::at") when such a detection is in an image that has no ground
-            # truth and no kept detection; dropping them first, by the same rule and after
-            # the per-image cut as LVISEval does, changes no number and avoids that.
-            judged = self._judged
-            dets = [d for d in dets if d["category_id"] in judged.get(d["image_id"], ())]
-        ev = COCOeval_faster(self.gt, self._load_results(dets, task), task, lvis_style=lvis,
+        dets, areas = self._results(dets, task)
+        whole = COCOeval_faster(self.gt, None, task, lvis_style=lvis, print_function=_quiet)
+        whole.params.maxDets = [LVIS_MAX_DETS] if lvis else list(COCO_MAX_DETS)
+        whole.params.catIds = [c["id"] for c in self.categories]
+        p = whole.params
+        shape = (len(p.iouThrs), len(p.recThrs), len(self.categories), len(p.areaRng),
+                 len(p.maxDets))
+        # -1: no ground truth (COCOeval's own filler), which every summary leaves out
+        precision, recall = np.full(shape, -1.0), np.full(shape[:1] + shape[2:], -1.0)
+
+        scored = [self.categories[k]["id"] for k in self._scored]
+        by_category: dict[int, list[int]] = defaultdict(list)
+        for i, d in enumerate(dets):
+            by_category[d["category_id"]].append(i)
+        images = {c: {a["image_id"] for a in self._gt_by_category[c]}.union(
+            dets[i]["image_id"] for i in by_category[c]) for c in scored}
+        pairs = len(self.gt.imgs) * len(scored)
+        if sum(map(len, images.values())) < PER_CATEGORY_BELOW * pairs:
+            for k, c in zip(self._scored, scored, strict=True):
+                gt = FastCOCO({"images": [self.gt.imgs[i] for i in sorted(images[c])],
+                               "categories": [self.gt.cats[c]],
+                               "annotations": self._gt_by_category[c]})
+                mine = by_category[c]
+                precision[:, :, [k]], recall[:, [k]] = self._evaluate(
+                    gt, [dets[i] for i in mine], areas and [areas[i] for i in mine], task,
+                    [c], p.maxDets)
+        elif scored:
+            precision[:, :, self._scored], recall[:, self._scored] = self._evaluate(
+                self.gt, dets, areas, task, scored, p.maxDets)
+
+        whole.eval = {"precision": precision, "recall": recall}
+        if lvis:  # the category indices of each frequency group, as LVIS mode's own set-up
+            whole.freq_groups = [[k for k, c in enumerate(self.categories)
+                                  if c.get("frequency") == label] for label in p.imgCountLbl]
+        whole.summarize()
+        stats = whole.stats_as_dict
+        metrics = {name: _metric(stats[_FAST_NAMES[name]]) for name in self.metric_names}
+        return metrics, precision[..., -1]
+
+    def _evaluate(self, gt: Any, dets: list[dict[str, Any]], areas: list[float] | None,
+                  task: str, category_ids: list[int],
+                  max_dets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """faster-coco-eval's precision [T, R, K, A, M] and recall [T, K, A, M] of
+        ``category_ids`` (in that order) for ``dets`` against ``gt``."""
+        from faster_coco_eval import COCOeval_faster
+
+        results = gt.loadRes(dets)
+        if areas is not None:  # the mask areas, see _results
+            for d, area in zip(results.dataset["annotations"], areas, strict=True):
+                d["area"] = area
+        ev = COCOeval_faster(gt, results, task, lvis_style=self.kind == "lvis",
                              print_function=_quiet)
-        ev.params.maxDets = [LVIS_MAX_DETS] if lvis else list(COCO_MAX_DETS)
-        scored = self._scored or list(range(len(self.categories)))  # no ground truth at all
-        ev.params.catIds = [self.categories[i]["id"] for i in scored]
+        ev.params.maxDets = list(max_dets)
+        ev.params.catIds = list(category_ids)
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-        stats = ev.stats_as_dict
-        metrics = {name: _metric(stats[_FAST_NAMES[name]]) for name in self.metric_names}
-        part = np.asarray(ev.eval["precision"])[..., -1]  # [T, R, K scored, A]
-        precision = np.full(part.shape[:2] + (len(self.categories),) + part.shape[3:], -1.0)
-        precision[:, :, scored] = part
-        return metrics, precision
+        return ev.eval["precision"], ev.eval["recall"]
 
-    def _load_results(self, dets: list[dict[str, Any]], task: str) -> Any:
-        """``loadRes`` of the fast COCO. For masks it would take each one's area and box in a
-        Python loop (about 30 µs a detection); one call each over all the masks gives the same
-        values: with the boxes filled in, loadRes takes its box branch (area w × h), and the
-        mask areas then replace those, as its mask branch would have set them."""
+    def _federated(self, dets: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """LVIS's per-image cut, then its federated rule: detections of a category neither
+        positive nor negative in their image are not evaluated. faster-coco-eval applies the
+        rule too; applying it here, after the cut as LVISEval does, changes no number and
+        keeps those detections out of every later step."""
+        judged = self._judged or {}
+        return [d for d in top_per_image(dets, self.max_dets_per_image)
+                if d["category_id"] in judged.get(d["image_id"], ())]
+
+    def _results(self, dets: list[dict[str, Any]],
+                 task: str) -> tuple[list[dict[str, Any]], list[float] | None]:
+        """The results to load, and for segm their mask areas.
+
+        ``loadRes`` would take each mask's area and box in a Python loop (about 30 µs a
+        detection). Instead the areas come from one call over all the masks, and each result
+        gets an empty box, so that loadRes takes its box branch (which keeps the mask and sets
+        id and iscrowd); :meth:`_evaluate` then puts the mask areas in place of the box areas.
+        The segm evaluation reads no box: IoUs come from the masks, and the matching reads
+        area, score and the crowd and ignore flags.
+
+        LVIS: ``LVISEval`` reads results through ``LVIS.get_ann_ids``, which keeps 0 < area
+        only, so an empty mask (or a box of no width) is not evaluated at all, where
+        faster-coco-eval would count it as a false positive: such results are left out.
+        """
         lvis = self.kind == "lvis"
-        if task != "segm" or not dets:
-            if lvis:  # see below: the lvis package leaves out results of area 0
+        if task != "segm":
+            if lvis:
                 dets = [d for d in dets if d["bbox"][2] * d["bbox"][3] > 0]
-            return self.gt.loadRes(dets)
+            return dets, None
         from faster_coco_eval.core import mask as mask_api
 
-        rles = [d["segmentation"] for d in dets]
-        areas, boxes = mask_api.area(rles), mask_api.toBbox(rles)
-        for d, box in zip(dets, boxes.tolist(), strict=True):
-            d["bbox"] = box
+        areas = mask_api.area([d["segmentation"] for d in dets]) if dets else np.zeros(0)
         if lvis:
-            # LVISEval reads results through LVIS.get_ann_ids, which keeps 0 < area only: an
-            # empty mask (or a box of no width) is not evaluated at all, while faster-coco-eval
-            # would count it as a false positive
             keep = areas > 0
             dets, areas = [d for d, k in zip(dets, keep.tolist(), strict=True) if k], areas[keep]
-        results = self.gt.loadRes(dets)
-        for d, area in zip(results.dataset["annotations"], areas, strict=True):
-            d["area"] = area
-        return results
+        for d in dets:
+            d["bbox"] = [0.0, 0.0, 0.0, 0.0]
+        return dets, areas.tolist()
 
     def _official_coco(self, dets: list[dict[str, Any]],
                        task: str) -> tuple[dict[str, float], np.ndarray]:
@@ -286,6 +356,24 @@ class Scorer:
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
     """faster-coco-eval's print_function: its progress lines are not ours to print."""
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off within the block, for either evaluator.
+
+    Scoring builds a few dicts per detection, millions in all, few of them in reference
+    cycles (those are collected after the block). A full collection walks every live object,
+    and the collector starts one each time the live objects grew by a quarter: 15–20% of the
+    fast evaluator's time on the LVIS-sized benchmark (``benchmarks/eval_speed.py``).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager

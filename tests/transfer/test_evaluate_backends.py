@@ -25,6 +25,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 
+from transfer import scoring
 from transfer.scoring import COCO_NAMES, LVIS_NAMES, Scorer, TaskScore
 from transfer.shapes import make_shapes
 
@@ -205,11 +206,16 @@ def assert_same(score: TaskScore, metrics: dict[str, float], precision: np.ndarr
 @pytest.mark.parametrize("task", ["bbox", "segm"])
 @pytest.mark.parametrize("predictions", ["perfect", "noisy", "degenerate", "empty"])
 @pytest.mark.parametrize("dataset", ["coco_mini", "lvis_mini", "shapes"])
-@pytest.mark.parametrize("evaluator", ["fast", "official"])
+@pytest.mark.parametrize("evaluator", ["fast, all pairs", "fast, by category", "official"])
 def test_every_number_equals_the_official_apis(datasets: dict[str, tuple[str, str]],
                                                evaluator: str, dataset: str, predictions: str,
-                                               task: str) -> None:
+                                               task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of the fast evaluator (one pass over every (image, category) pair, or one
+    category at a time on its own images) are held to the official APIs."""
     json_file, kind = datasets[dataset]
+    if evaluator.startswith("fast"):
+        monkeypatch.setattr(scoring, "PER_CATEGORY_BELOW", 1.01 if "category" in evaluator else 0)
+        evaluator = "fast"
     dets = _detections(json_file, predictions)
     before = json.dumps(dets)
     score = _scorer(json_file, kind, evaluator).score(dets, task)
@@ -219,6 +225,28 @@ def test_every_number_equals_the_official_apis(datasets: dict[str, tuple[str, st
         assert score.metrics["AP"] == pytest.approx(100.0)
     if predictions == "empty":  # AP 0 where there is ground truth, not "no result"
         assert score.metrics["AP"] == 0.0
+
+
+@pytest.mark.parametrize(("dataset", "by_category"), [("lvis_mini", True), ("shapes", False)])
+def test_the_fast_evaluator_goes_by_category_where_most_pairs_are_empty(
+        datasets: dict[str, tuple[str, str]], dataset: str, by_category: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """lvis_mini: 62 images × 139 categories with ground truth, each category in a few images;
+    shapes: 3 categories, each in most images."""
+    json_file, kind = datasets[dataset]
+    scorer = Scorer(json_file, kind, "fast")
+    calls: list[list[int]] = []
+    evaluate = scorer._evaluate
+
+    def spy(*args: Any) -> Any:
+        calls.append(args[4])
+        return evaluate(*args)
+
+    monkeypatch.setattr(scorer, "_evaluate", spy)
+    scorer.score(_detections(json_file, "noisy"), "bbox")
+    with_gt = {a["category_id"] for a in json.loads(Path(json_file).read_text())["annotations"]}
+    assert sorted(c for ids in calls for c in ids) == sorted(with_gt)
+    assert len(calls) == (len(with_gt) if by_category else 1)
 
 
 def test_noisy_predictions_are_far_from_perfect_and_cut_per_image(
