@@ -145,6 +145,12 @@ class Scorer:
                 from faster_coco_eval import COCO as FastCOCO
 
                 self.gt = FastCOCO(json_file)
+                anns = self.gt.dataset["annotations"]
+                if kind == "lvis" and any(a["area"] <= 0 for a in anns):
+                    # LVISEval reads the ground truth through LVIS.get_ann_ids too, which keeps
+                    # 0 < area only: an object of area 0 is neither found nor missed
+                    self.gt.dataset["annotations"] = [a for a in anns if a["area"] > 0]
+                    self.gt.createIndex()
             elif kind == "lvis":
                 from lvis import LVIS
 

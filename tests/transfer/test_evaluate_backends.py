@@ -167,8 +167,16 @@ def official_lvis(json_file: str, dets: list[dict[str, Any]],
 def datasets(coco_mini: Path, lvis_mini: Path,
              tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
     shapes = make_shapes(tmp_path_factory.mktemp("shapes"), n_train=0, n_val=12, size=96)
+    lvis_json = lvis_mini / "lvis_v0.5_val_subset.json"
+    # the lvis package leaves ground truth of area 0 out of the evaluation; lvis_mini has none
+    gt = json.loads(lvis_json.read_text())
+    for ann in gt["annotations"][::5]:
+        ann["area"] = 0
+    area_0 = tmp_path_factory.mktemp("lvis_area_0") / "lvis_area_0.json"
+    area_0.write_text(json.dumps(gt))
     return {"coco_mini": (str(coco_mini / "annotations/instances_val2017.json"), "coco"),
-            "lvis_mini": (str(lvis_mini / "lvis_v0.5_val_subset.json"), "lvis"),
+            "lvis_mini": (str(lvis_json), "lvis"),
+            "lvis_mini, a fifth of the objects of area 0": (str(area_0), "lvis"),
             "shapes": (str(shapes["val_json"]), "coco")}
 
 
@@ -225,6 +233,21 @@ def test_every_number_equals_the_official_apis(datasets: dict[str, tuple[str, st
         assert score.metrics["AP"] == pytest.approx(100.0)
     if predictions == "empty":  # AP 0 where there is ground truth, not "no result"
         assert score.metrics["AP"] == 0.0
+
+
+@pytest.mark.parametrize("task", ["bbox", "segm"])
+@pytest.mark.parametrize("predictions", ["perfect", "noisy"])
+@pytest.mark.parametrize("by_category", [True, False])
+def test_lvis_ground_truth_of_area_0_is_left_out_as_the_lvis_package_does(
+        datasets: dict[str, tuple[str, str]], by_category: bool, predictions: str, task: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    json_file, kind = datasets["lvis_mini, a fifth of the objects of area 0"]
+    monkeypatch.setattr(scoring, "PER_CATEGORY_BELOW", 1.01 if by_category else 0)
+    dets = _detections(json_file, predictions)
+    score = Scorer(json_file, kind, "fast").score(dets, task)
+    assert_same(score, *_oracle(json_file, kind, predictions, task))
+    if predictions == "perfect":  # the detections of the objects left out are false positives
+        assert score.metrics["AP"] < 95
 
 
 @pytest.mark.parametrize(("dataset", "by_category"), [("lvis_mini", True), ("shapes", False)])
