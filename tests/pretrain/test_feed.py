@@ -27,8 +27,9 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("path", [["data.pipeline=tensor"], ["data.cache=device"]])
-def test_tensor_paths_resume_bit_exactly(path: list[str], tiny_train: Path,
+@pytest.mark.parametrize("path", [["data.pipeline=tensor"], ["data.cache=device"],
+                                  ["data.pipeline=pil"]])
+def test_every_path_resumes_bit_exactly(path: list[str], tiny_train: Path,
                                          tmp_path: Path) -> None:
     args = [*TINY, *path, "train.steps=6", "train.device=cpu"]
     full, split = tmp_path / "full", tmp_path / "split"
@@ -46,6 +47,15 @@ def test_resident_copy_and_files_give_the_same_run(tiny_train: Path, tmp_path: P
     assert main(["train", "--data", str(tiny_train), "--out", str(tmp_path / "resident"),
                  *args, "data.cache=device"]) == 0
     _same(_weights(tmp_path / "files"), _weights(tmp_path / "resident"))
+
+
+def test_auto_is_the_tensor_path_on_the_cpu(tiny_train: Path, tmp_path: Path) -> None:
+    """On the CPU too the tensor path is the faster (benchmarks/results/data_pipeline.md)."""
+    args = [*TINY, "train.steps=2", "train.device=cpu"]
+    for pipeline in ("auto", "tensor"):
+        assert main(["train", "--data", str(tiny_train), "--out", str(tmp_path / pipeline),
+                     *args, f"data.pipeline={pipeline}"]) == 0
+    _same(_weights(tmp_path / "auto"), _weights(tmp_path / "tensor"))
 
 
 def test_the_tensor_path_is_another_run_than_pil(tiny_train: Path, tmp_path: Path) -> None:
