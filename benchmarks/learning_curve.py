@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._harness import atomic_write, machine  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
+from pretrain.errors import UserError  # noqa: E402
 from pretrain.evaluate import knn_eval  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
 
@@ -279,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{flag} {getattr(args, flag)}: not a folder of class sub-folders")
     if args.quick:
         args.images, args.points, args.bank_per_class = 2 * max(args.batches), 2, 5
+    try:  # a bad --config or --set is one line now, not a traceback after the first cell
+        for method in args.methods:
+            cell_config(method, max(args.batches), args.seeds[0], 1, args)
+    except UserError as exc:
+        p.error(str(exc))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="m2t_curve_"))

@@ -99,6 +99,20 @@ def test_shipped_cpu_recipe_loads_and_says_what_it_is() -> None:
     assert cfg.data.image_size == 32
 
 
+@pytest.mark.parametrize("bad", [["--config", "missing.yaml"], ["--set", "optim.name=adam"]])
+def test_learning_curve_script_refuses_a_bad_config_in_one_line(bad: list[str], tiny_train: Path,
+                                                                tiny_val: Path,
+                                                                tmp_path: Path) -> None:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "learning_curve.py"), "--train",
+           str(tiny_train), "--val", str(tiny_val), "--quick", "--out", str(tmp_path), *bad]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("learning_curve.py: error: ") and bad[1].split("=")[0] in last, last
+    assert not (tmp_path / "learning_curve.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_learning_curve_script_runs_on_a_tiny_budget(tiny_train: Path, tiny_val: Path,
                                                      tmp_path: Path) -> None:
