@@ -250,8 +250,8 @@ class Scorer:
                                "annotations": self._gt_by_category[c]})
                 mine = by_category[c]
                 precision[:, :, [k]], recall[:, [k]] = self._evaluate(
-                    gt, [dets[i] for i in mine], areas and [areas[i] for i in mine], task,
-                    [c], p.maxDets)
+                    gt, [dets[i] for i in mine],
+                    None if areas is None else [areas[i] for i in mine], task, [c], p.maxDets)
         elif scored:
             precision[:, :, self._scored], recall[:, self._scored] = self._evaluate(
                 self.gt, dets, areas, task, scored, p.maxDets)
@@ -286,9 +286,11 @@ class Scorer:
 
     def _federated(self, dets: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """LVIS's per-image cut, then its federated rule: detections of a category neither
-        positive nor negative in their image are not evaluated. faster-coco-eval applies the
-        rule too; applying it here, after the cut as LVISEval does, changes no number and
-        keeps those detections out of every later step."""
+        positive nor negative in their image are not evaluated. faster-coco-eval 1.8.0
+        applies the rule too, but fails (IndexError "unordered_map::at") when such a detection
+        is in an image with no ground truth and no kept detection; applying it here, after the
+        cut as LVISEval does, changes no number, avoids that, and keeps those detections out
+        of every later step."""
         judged = self._judged or {}
         return [d for d in top_per_image(dets, self.max_dets_per_image)
                 if d["category_id"] in judged.get(d["image_id"], ())]
