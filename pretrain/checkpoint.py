@@ -73,14 +73,17 @@ class _WriteErrors:
         self.f.flush()
 
 
-TEMPORARY = re.compile(r"^\..+\.pth\.tmp-\d+$")
+#: The temporary name of :func:`~pretrain.rundir.replace_file`: checkpoints, config.yaml, the
+#: metrics file trimmed on resume.
+TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
 
 
 def remove_partial_saves(folder: str | Path) -> list[Path]:
-    """Delete temporary files that saves killed mid-write left in ``folder``; return them.
+    """Delete temporary files that writes killed mid-way left in ``folder``; return them.
 
-    Only the main process of a run saves into its folder, so when a run (re)starts, every
-    ``.NAME.pth.tmp-PID`` there is the remains of a dead process, never a checkpoint.
+    Only the main process of a run writes into its folder, and it finishes or removes each
+    temporary before going on, so when a run (re)starts, every ``.NAME.tmp-PID`` there is
+    the remains of a dead process (a checkpoint save, or config.yaml written as it started).
     """
     removed = []
     folder = Path(folder)

@@ -381,7 +381,7 @@ class Trainer:
             raise UserError(f"{self.out}: cannot write the run directory "
                             f"({exc.strerror or exc})") from None
         for partial in remove_partial_saves(self.out):
-            print(f"removed {partial.name}: a checkpoint save that was interrupted", flush=True)
+            print(f"removed {partial.name}: a write that was interrupted", flush=True)
 
     def _end_epoch(self) -> None:
         if self.seen_images and self.bad_images == self.seen_images:

@@ -131,6 +131,23 @@ def test_kill_9_at_random_moments_and_during_saves_loses_nothing(tiny_train: Pat
     assert not different, different[:5]
 
 
+def test_a_restart_removes_what_a_kill_left_of_any_write_and_nothing_else(
+        tiny_train: Path, tmp_path: Path) -> None:
+    """A kill while config.yaml was written at start (CI saw this one) or while a checkpoint
+    was saved leaves ``.NAME.tmp-PID``; the next start removes both, and only those."""
+    run = tmp_path / "run"
+    run.mkdir()
+    leftovers = [run / ".config.yaml.tmp-4242", run / ".last.pth.tmp-4243"]
+    for path in leftovers:
+        path.write_bytes(b"half a fi")
+    kept = [run / ".notes.tmp", run / "notes.tmp-12", run / ".last.pth.tmp-x"]
+    for path in kept:
+        path.write_text("the user's")
+    _trainer(tiny_train, run, "train.steps=1").run()
+    assert not any(path.exists() for path in leftovers)
+    assert all(path.read_text() == "the user's" for path in kept)
+
+
 # ----- non-finite losses and weights -------------------------------------------------------
 def _trainer(data: Path, run: Path, *extra: str) -> Trainer:
     cfg = load_config(None, [*TINY, "train.steps=4", "train.save_every_steps=1", *extra])
