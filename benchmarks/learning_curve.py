@@ -9,8 +9,9 @@ random-network floor of that seed. Evaluation time is not counted as training ti
 
 Every scored point is appended to ``<out>/learning_curve.jsonl`` as it is measured, so a
 killed study resumes: finished cells are skipped, an unfinished one starts again. The table
-(``learning_curve.md``: the curve, and the final points as mean ± std over seeds) and the
-plot (``learning_curve.png``) are rewritten after every cell.
+(``learning_curve.md``: the curve, the final points as mean ± std over seeds, and m2t − byol
+paired by seed at each batch) and the plot (``learning_curve.png``) are rewritten after every
+cell.
 
     python benchmarks/learning_curve.py --train ../shared/data/cifar10_mini/train \\
         --val ../shared/data/cifar10_mini/val --methods m2t byol --seeds 0 1 --images 100000
@@ -190,6 +191,7 @@ def write_report(rows: list[dict], out: Path, command: str, info: dict) -> Path:
                      f"{_pm([r['knn_teacher'] for r in last])} | "
                      f"{_pm([r['knn_student'] for r in last])} | {_pm(gain)} | "
                      f"{_pm(gaps, '.3f')} | {_pm([r['train_seconds'] / 60 for r in last])} |")
+    lines += paired_lines(rows)
     lines += ["", "## The curves", "",
               "| method | batch | images seen | train min | teacher kNN | student kNN |",
               "|---|---|---|---|---|---|"]
@@ -204,6 +206,47 @@ def write_report(rows: list[dict], out: Path, command: str, info: dict) -> Path:
     atomic_write(md, lambda t: t.write_text("\n".join(lines) + "\n"))
     plot(groups, out / "learning_curve.png")
     return md
+
+
+def paired_differences(rows: list[dict], a: str = "m2t", b: str = "byol") -> list[dict]:
+    """Final kNN of method ``a`` minus method ``b``, seed by seed, at each (batch, budget).
+
+    Only seeds where both cells finished count: both methods start from the same network for
+    a given seed, so the paired difference is free of the seed's floor.
+    """
+    final = {(r["method"], r["batch"], r["images_budget"], r["seed"]): r
+             for r in finished(rows) if r.get("final")}
+    out = []
+    for batch, budget in sorted({(k[1], k[2]) for k in final}):
+        seeds = sorted(k[3] for k in final if k[:3] == (a, batch, budget)
+                       and (b, batch, budget, k[3]) in final)
+        if not seeds:
+            continue
+        diff = {branch: [final[(a, batch, budget, s)][f"knn_{branch}"]
+                         - final[(b, batch, budget, s)][f"knn_{branch}"] for s in seeds]
+                for branch in ("teacher", "student")}
+        out.append({"batch": batch, "images_seen": final[(a, batch, budget, seeds[0])]["images_seen"],
+                    "seeds": seeds, **diff})
+    return out
+
+
+def paired_lines(rows: list[dict]) -> list[str]:
+    pairs = paired_differences(rows)
+    if not pairs:
+        return []
+    lines = ["", "## m2t − byol, paired by seed (the paper: byol degrades at small batch, m2t "
+             "does not)", "",
+             "| batch/process | images seen | seeds | teacher: m2t − byol | student: m2t − byol "
+             "| teacher, per seed |", "|---|---|---|---|---|---|"]
+    def signed(values: list[float]) -> str:
+        mean, std = _mean_std(values)
+        return f"{mean:+.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:+.1f}"
+
+    for p in pairs:
+        each = ", ".join(f"{d:+.1f}" for d in p["teacher"])
+        lines.append(f"| {p['batch']} | {p['images_seen']:,} | {len(p['seeds'])} | "
+                     f"{signed(p['teacher'])} | {signed(p['student'])} | {each} |")
+    return lines
 
 
 def plot(groups: dict[tuple, list[dict]], png: Path) -> None:

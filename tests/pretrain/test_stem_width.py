@@ -138,3 +138,30 @@ def test_learning_curve_script_runs_on_a_tiny_budget(tiny_train: Path, tiny_val:
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert again.returncode == 0
     assert len((out / "learning_curve.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_learning_curve_report_pairs_m2t_and_byol_by_seed(tmp_path: Path) -> None:
+    """The small-batch study's verdict: m2t − byol per batch, paired seed by seed, only over
+    finished cells (hand-computed here)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.learning_curve import paired_differences, write_report
+
+    def row(method, batch, seed, teacher, student, final=True):
+        return {"method": method, "batch": batch, "seed": seed, "images_budget": 64,
+                "steps_total": 64 // batch, "step": 64 // batch if final else 1,
+                "images_seen": 64 if final else batch, "train_seconds": 6.0,
+                "knn_teacher": teacher, "knn_student": student, "gap": 0.01, "final": final,
+                "arch": "resnet18/cifar/w16", "image_size": 32, "optim": "sgd 0.5",
+                "threads": 1, "load1": 1.0}
+
+    rows = [row("m2t", 32, 0, 30.0, 31.0), row("byol", 32, 0, 27.0, 29.0),
+            row("m2t", 32, 1, 29.0, 30.0), row("byol", 32, 1, 28.0, 30.5),
+            row("m2t", 16, 0, 26.0, 26.0),  # byol never ran at batch 16: no pair
+            row("byol", 16, 0, 20.0, 20.0, final=False),  # a killed cell does not count
+            row("m2t", 8, 2, 25.0, 25.0), row("byol", 8, 3, 24.0, 24.0)]  # other seeds
+    pairs = paired_differences(rows)
+    assert [(p["batch"], p["seeds"]) for p in pairs] == [(32, [0, 1])]
+    assert pairs[0]["teacher"] == [3.0, 1.0] and pairs[0]["student"] == [2.0, -0.5]
+    md = write_report(rows, tmp_path, "cmd", {"cpu": "x", "cores": 2, "torch": "t"}).read_text()
+    # mean +2.0, sample std of (3, 1) = 1.414; student mean +0.75, std 1.77
+    assert "| 32 | 64 | 2 | +2.0 ± 1.4 | +0.8 ± 1.8 | +3.0, +1.0 |" in md
