@@ -15,9 +15,22 @@ TINY = ["model.arch=resnet18", "model.proj_hidden_dim=64", "model.proj_dim=32",
 
 def run_ddp_check(train: Path, run: Path, *overrides: str) -> tuple[str, list[str]]:
     """Train TINY under torchrun with two gloo processes (ddp_check.py); its stdout and rank lines."""
+    stdout, lines = run_ddp_checks(train, {run: list(overrides)})
+    return stdout, lines[run.name]
+
+
+def run_ddp_checks(train: Path, runs: dict[Path, list[str]]) -> tuple[str, dict[str, list[str]]]:
+    """Several TINY runs in one torchrun start-up (ddp_check.py ``--next``); the rank lines of
+    each run, by the run directory's name."""
+    args = []
+    for run, overrides in runs.items():
+        args += [*(["--next"] if args else []), str(run), *TINY, *overrides, "train.device=cpu"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--standalone", str(HERE / "ddp_check.py"), str(train), str(run), *TINY,
-           *overrides, "train.device=cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE.parents[1])
+           "--standalone", str(HERE / "ddp_check.py"), str(train), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE.parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, [line for line in proc.stdout.splitlines() if line.startswith("rank ")]
+    lines: dict[str, list[str]] = {run.name: [] for run in runs}
+    for line in proc.stdout.splitlines():
+        if line.startswith("rank "):
+            lines[line.rsplit(" run=", 1)[1]].append(line)
+    return proc.stdout, lines

@@ -1,12 +1,16 @@
 """Run under torchrun: train a few steps with DDP, then check every rank holds the same weights.
 
-Exits 0 when the student and teacher weights are identical on all ranks; prints one line per
-rank with its checksums.
+    ddp_check.py DATA OUT [KEY=VALUE ...] [--next OUT2 [KEY=VALUE ...]] ...
+
+Each ``--next`` trains another run in the same processes and process group (one torchrun
+start-up for several configurations). Exits 0 when the student and teacher weights are
+identical on all ranks after every run; prints one line per rank, check and run.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -15,7 +19,7 @@ from pretrain.config import load_config
 from pretrain.train import Trainer
 
 
-def main(data: str, out: str, overrides: list[str]) -> int:
+def check(data: str, out: str, overrides: list[str]) -> bool:
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg, data, out)
     trainer.run()
@@ -32,13 +36,24 @@ def main(data: str, out: str, overrides: list[str]) -> int:
         dist.all_gather(gathered, flat)
         same = all(torch.equal(gathered[0], g) for g in gathered)
         sys.stdout.write(f"rank {dist.get_rank()} {name} sum={flat.double().sum().item():.10f} "
-                         f"identical_across_ranks={same}\n")  # one write: lines never interleave
+                         f"identical_across_ranks={same} run={Path(out).name}\n")  # one write
         sys.stdout.flush()
         if name != "teacher_bn_mean":
             ok &= same
+    return ok
+
+
+def main(argv: list[str]) -> int:
+    data, runs = argv[0], [[]]
+    for arg in argv[1:]:
+        if arg == "--next":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    ok = all([check(data, run[0], run[1:]) for run in runs])  # every run, even after a failure
     dist.destroy_process_group()
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3:]))
+    sys.exit(main(sys.argv[1:]))

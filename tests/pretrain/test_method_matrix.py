@@ -18,7 +18,7 @@ from convert.__main__ import main as convert_main
 from pretrain.__main__ import main
 from pretrain.checkpoint import load_checkpoint
 
-from .conftest import TINY, run_ddp_check
+from .conftest import TINY, run_ddp_checks
 
 METHODS = {
     "byol": ["model.method=byol"],
@@ -63,11 +63,13 @@ def test_method_resumes_exactly_and_converts(method: str, tiny_train: Path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHODS))
-def test_method_keeps_two_gloo_ranks_in_lock_step(method: str, tiny_train: Path,
-                                                  tmp_path: Path) -> None:
-    stdout, lines = run_ddp_check(tiny_train, tmp_path / "run", *METHODS[method], "train.steps=2")
-    for name in ("student", "teacher"):
-        assert sum(f" {name} " in line and "identical_across_ranks=True" in line
-                   for line in lines) == 2, stdout
-    assert (tmp_path / "run" / "last.pth").exists()
+def test_every_method_keeps_two_gloo_ranks_in_lock_step(tiny_train: Path, tmp_path: Path) -> None:
+    runs = {tmp_path / method.replace("+", "_"): [*METHODS[method], "train.steps=2"]
+            for method in METHODS}  # one torchrun start-up, one run per method
+    stdout, lines = run_ddp_checks(tiny_train, runs)
+    for method, run in zip(METHODS, runs, strict=True):
+        for name in ("student", "teacher"):
+            assert sum(f" {name} " in line and "identical_across_ranks=True" in line
+                       for line in lines[run.name]) == 2, (method, stdout)
+        assert (run / "last.pth").exists(), method
+        assert f"{METHODS[method][0].split('=')[1]} resnet18" in stdout  # the method really ran
