@@ -637,12 +637,19 @@ def _step_records(run: Path) -> list[int]:
 
 
 def test_ctrl_c_between_saves_then_resume_logs_every_step_once(
-        ws: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, ledger) -> None:
+        ws: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, ledger,
+        request: pytest.FixtureRequest) -> None:
     """Ctrl-C before the first save (the same command then starts afresh), Ctrl-C between two
     saves, a record cut in half by a kill: the finished run's metrics.jsonl holds each of its
     steps once, and none of the garbage."""
     from pretrain.checkpoint import load_checkpoint
     from pretrain.hooks import ProgressLog
+
+    # Ctrl-C as a terminal gives it: Python's own SIGINT handler. Once in CI, a test run
+    # earlier in the same worker had left another handler, the SIGINT went unnoticed and
+    # the first run finished (exit 0 instead of 130).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     run = tmp_path / "run"
     argv = [*train(ws, run), "train.save_every_steps=3", "--resume"]
