@@ -645,8 +645,8 @@ def test_ctrl_c_between_saves_then_resume_logs_every_step_once(
     from pretrain.checkpoint import load_checkpoint
     from pretrain.hooks import ProgressLog
 
-    # Ctrl-C as a terminal gives it: Python's own SIGINT handler. Once in CI, a test run
-    # earlier in the same worker had left another handler, the SIGINT went unnoticed and
+    # Ctrl-C as a terminal gives it: Python's own SIGINT handler. In a fresh-clone .ci/run, a test
+    # run earlier in the same worker had left SIGINT ignored, the signal went unnoticed and
     # the first run finished (exit 0 instead of 130).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
