@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,25 @@ def link_subset(src: Path, dst: Path, classes: int, per_class: int) -> Path:
         for img in sorted((src / cls).iterdir())[:per_class]:
             os.symlink(img.resolve(), dst / cls / img.name)
     return dst
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """``tmp_path_factory.mktemp`` for module-scoped fixtures, whose folders go when the module's
+    tests are done and none failed: pytest keeps mktemp folders until the session ends, and the
+    suite's checkpoints and Mask R-CNN runs would pile up to gigabytes of disk."""
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    failed = request.session.testsfailed  # a module's tests run on one worker, one after another
+    yield mktemp
+    if request.session.testsfailed == failed:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

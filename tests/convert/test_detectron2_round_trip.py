@@ -4,6 +4,7 @@ Detectron2 backbone reproduces torchvision's stage outputs."""
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,8 @@ def _arrays(pkl: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def r50_pkl(r50_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("r50_pkl") / "r50.pkl"
+def r50_pkl(r50_file: Path, module_tmp: Callable[[str], Path]) -> tuple[Path, dict]:
+    out = module_tmp("r50_pkl") / "r50.pkl"
     return out, convert_checkpoint(r50_file, out)
 
 

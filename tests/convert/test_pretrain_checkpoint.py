@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,9 @@ pytestmark = pytest.mark.slow  # one real (two-step) pretraining run, in a subpr
 
 
 @pytest.fixture(scope="module")
-def pretrain_run(cifar10_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pretrain_run(cifar10_mini: Path, module_tmp: Callable[[str], Path]) -> Path:
     """Two m2t steps of a resnet18 on 16 real images (2 classes x 8, linked from the slice)."""
-    root = tmp_path_factory.mktemp("pretrain")
+    root = module_tmp("pretrain")
     data = root / "images"
     for name in sorted(p.name for p in (cifar10_mini / "train").iterdir())[:2]:
         (data / name).mkdir(parents=True)

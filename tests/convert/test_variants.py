@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,11 @@ IDS = [f"{stem}-w{width}" for stem, width in VARIANTS]
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_train: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, Path]:
+def runs(tiny_train: Path, module_tmp: Callable[[str], Path]) -> dict[tuple, Path]:
     """``last.pth`` of a two-step m2t resnet18 run (real CIFAR-10 images) for each variant."""
     out: dict[tuple, Path] = {}
     for stem, width in VARIANTS:
-        run = tmp_path_factory.mktemp(f"run_{stem}_{width}")
+        run = module_tmp(f"run_{stem}_{width}")
         code = pretrain_main(["train", "--data", str(tiny_train), "--out", str(run / "run"),
                               "model.arch=resnet18", f"model.stem={stem}",
                               f"model.width={width}", "model.proj_hidden_dim=64",

@@ -28,11 +28,11 @@ DEMO = CONFIGS / "demo_mask_rcnn_R_18_FPN_shapes.yaml"
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def weights(module_tmp: Callable[[str], Path]) -> Path:
     """A torchvision ResNet-18 converted to Detectron2 (backbone only)."""
     from convert import convert_checkpoint
 
-    folder = tmp_path_factory.mktemp("weights")
+    folder = module_tmp("weights")
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), folder / "tv_r18.pth")
     convert_checkpoint(str(folder / "tv_r18.pth"), str(folder / "r18.pkl"), force=True)

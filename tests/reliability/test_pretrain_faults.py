@@ -48,7 +48,9 @@ KILL_STEPS = 4
 
 
 def _train_args(data: Path, run: Path) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(run), "--resume", *TINY,
+    # torchvision's width (not TINY's 16): a checkpoint of ~130 MB takes long enough to write
+    # that a kill can land inside the save
+    return ["train", "--data", str(data), "--out", str(run), "--resume", *TINY, "model.width=64",
             f"train.steps={KILL_STEPS}", "train.save_every_steps=1"]
 
 

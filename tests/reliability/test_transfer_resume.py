@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,10 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def r18_pkl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def r18_pkl(module_tmp: Callable[[str], Path]) -> Path:
     from convert import convert_checkpoint
 
-    folder = tmp_path_factory.mktemp("r18")
+    folder = module_tmp("r18")
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), folder / "r18.pth")
     convert_checkpoint(str(folder / "r18.pth"), str(folder / "r18.pkl"))

@@ -15,6 +15,7 @@ import re
 import signal
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,11 +61,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def data(module_tmp: Callable[[str], Path]) -> dict[str, Path]:
     """6 + 1 generated shapes images, and a torchvision ResNet-18 converted by ``convert``."""
     from convert import convert_checkpoint
 
-    folder = tmp_path_factory.mktemp("transfer_slurm_data")
+    folder = module_tmp("transfer_slurm_data")
     shapes = make_shapes(folder / "shapes", n_train=6, n_val=1, size=128, max_shapes=2)
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), folder / "r18.pth")
@@ -86,9 +87,9 @@ def _run(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def direct(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def direct(data: dict[str, Path], module_tmp: Callable[[str], Path]) -> Path:
     """The fine-tuning run directly (the reference of the jobs)."""
-    out = tmp_path_factory.mktemp("direct") / "run"
+    out = module_tmp("direct") / "run"
     assert _run(_train(data, out, *TINY, "SEED", "0")) == 0
     return out
 

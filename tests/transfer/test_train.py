@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,9 @@ def _check_metrics(results: dict, tasks: tuple[str, ...]) -> None:
 
 @pytest.fixture(scope="module")
 def mask_rcnn_run(coco_mini: Path, coco_val_subset: Path, r50_pkl: Path, tiny: tuple[str, ...],
-                  tmp_path_factory: pytest.TempPathFactory) -> Path:
+                  module_tmp: Callable[[str], Path]) -> Path:
     """``m2t-transfer train`` of Mask R-CNN R50-FPN, 2 iterations on coco_mini train2017."""
-    run = tmp_path_factory.mktemp("mask_rcnn_run")
+    run = module_tmp("mask_rcnn_run")
     code = main(["train", "--config", "mask_rcnn_R_50_FPN_1x", "--weights", str(r50_pkl),
                  "--dataset-root", str(coco_mini), "--test-dataset", str(coco_val_subset),
                  "--test-images", str(coco_mini / "val2017"), "--output-dir", str(run), *tiny])
