@@ -34,11 +34,17 @@ def view_transform(image_size: int, blur_p: float, solarize_p: float,
 
 
 class TwoViews:
-    """View 1: blur p 1.0, solarize p 0; view 2: blur p 0.1, solarize p 0.2."""
+    """View 1: blur p 1.0, solarize p 0; view 2: blur p 0.1, solarize p 0.2 (SPEC §1.1).
 
-    def __init__(self, image_size: int, min_scale: float = 0.08) -> None:
-        self.view1 = view_transform(image_size, blur_p=1.0, solarize_p=0.0, min_scale=min_scale)
-        self.view2 = view_transform(image_size, blur_p=0.1, solarize_p=0.2, min_scale=min_scale)
+    ``blur`` changes the two blur probabilities (``data.view1_blur``, ``data.view2_blur``).
+    """
+
+    def __init__(self, image_size: int, min_scale: float = 0.08,
+                 blur: tuple[float, float] = (1.0, 0.1)) -> None:
+        self.view1 = view_transform(image_size, blur_p=blur[0], solarize_p=0.0,
+                                    min_scale=min_scale)
+        self.view2 = view_transform(image_size, blur_p=blur[1], solarize_p=0.2,
+                                    min_scale=min_scale)
 
     def __call__(self, img: Image.Image):
         return self.view1(img), self.view2(img)

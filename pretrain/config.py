@@ -102,6 +102,8 @@ class DataConfig:
     workers: int = setting(8, ge=0, le=256)  # loader processes per training process
     max_bad_fraction: float = setting(0.01, ge=0.0, le=1.0)  # abort when more images fail
     min_scale: float = setting(0.08, gt=0.0, le=1.0)  # RandomResizedCrop lower bound
+    view1_blur: float = setting(1.0, ge=0.0, le=1.0)  # Gaussian-blur probability, view 1
+    view2_blur: float = setting(0.1, ge=0.0, le=1.0)  # and view 2 (SPEC §1.1: 1.0 and 0.1)
     pipeline: str = "auto"  # auto | pil | tensor (auto: tensor, the faster on CUDA and CPU)
     cache: str = "none"     # none | device: decode a small dataset once, keep it on the device
 

@@ -51,7 +51,8 @@ class Feed:
         if pipeline == "tensor":
             from .tensor_augment import TwoViewAugment
 
-            self.augment = TwoViewAugment(cfg.data.image_size, cfg.data.min_scale)
+            self.augment = TwoViewAugment(cfg.data.image_size, cfg.data.min_scale,
+                                          blur=(cfg.data.view1_blur, cfg.data.view2_blur))
         if cfg.data.cache == "device":
             self.resident = self._build_resident(main)
 

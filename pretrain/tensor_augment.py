@@ -92,10 +92,12 @@ class ViewRecipe:
         return cj.brightness, cj.contrast, cj.saturation, cj.hue
 
 
-def two_view_recipes(image_size: int, min_scale: float = 0.08) -> tuple[ViewRecipe, ViewRecipe]:
-    """View 1: blur p 1.0, solarize p 0; view 2: blur p 0.1, solarize p 0.2."""
-    return (ViewRecipe(image_size, blur_p=1.0, solarize_p=0.0, min_scale=min_scale),
-            ViewRecipe(image_size, blur_p=0.1, solarize_p=0.2, min_scale=min_scale))
+def two_view_recipes(image_size: int, min_scale: float = 0.08,
+                     blur: tuple[float, float] = (1.0, 0.1)) -> tuple[ViewRecipe, ViewRecipe]:
+    """View 1: blur p 1.0, solarize p 0; view 2: blur p 0.1, solarize p 0.2 (``blur``: the
+    two blur probabilities)."""
+    return (ViewRecipe(image_size, blur_p=blur[0], solarize_p=0.0, min_scale=min_scale),
+            ViewRecipe(image_size, blur_p=blur[1], solarize_p=0.2, min_scale=min_scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,8 +566,9 @@ class TwoViewAugment:
 
     def __init__(self, image_size: int, min_scale: float = 0.08,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 dtype: torch.dtype = torch.float32, chunk_pixels: int = 1 << 18) -> None:
-        self.recipes = two_view_recipes(image_size, min_scale)
+                 dtype: torch.dtype = torch.float32, chunk_pixels: int = 1 << 18,
+                 blur: tuple[float, float] = (1.0, 0.1)) -> None:
+        self.recipes = two_view_recipes(image_size, min_scale, blur)
         self.mean, self.std, self.dtype = tuple(mean), tuple(std), dtype
         self.chunk_pixels = chunk_pixels
 

@@ -144,7 +144,8 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
-        self.dataset = TwoViewDataset(data, TwoViews(cfg.data.image_size, cfg.data.min_scale),
+        self.dataset = TwoViewDataset(data, TwoViews(cfg.data.image_size, cfg.data.min_scale,
+                                                     (cfg.data.view1_blur, cfg.data.view2_blur)),
                                       seed=cfg.train.seed)
         self.feed = Feed(cfg, self.dataset, self.device, self.dist.main)
         self.per_epoch = steps_per_epoch(self.feed.num_images, cfg.data.batch_size,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+import torchvision.transforms as T
 from torch import nn
 
 from pretrain.config import load_config
@@ -165,3 +166,19 @@ def test_learning_curve_report_pairs_m2t_and_byol_by_seed(tmp_path: Path) -> Non
     md = write_report(rows, tmp_path, "cmd", {"cpu": "x", "cores": 2, "torch": "t"}).read_text()
     # mean +2.0, sample std of (3, 1) = 1.414; student mean +0.75, std 1.77
     assert "| 32 | 64 | 2 | +2.0 ± 1.4 | +0.8 ± 1.8 | +3.0, +1.0 |" in md
+
+
+@pytest.mark.parametrize("pipeline", ["pil", "tensor"])
+def test_blur_settings_reach_the_views_the_trainer_draws(pipeline: str, tiny_train: Path,
+                                                         tmp_path: Path) -> None:
+    cfg = load_config(None, [*TINY, f"data.pipeline={pipeline}", "data.view1_blur=0.25",
+                             "data.view2_blur=0", "train.device=cpu"])
+    trainer = Trainer(cfg, tiny_train, tmp_path / "run")
+    if pipeline == "tensor":
+        probabilities = [r.blur_p for r in trainer.feed.augment.recipes]
+    else:
+        views = trainer.dataset.transform
+        probabilities = [next(t.p for t in v.transforms if isinstance(t, T.RandomApply)
+                              and isinstance(t.transforms[0], T.GaussianBlur))
+                         for v in (views.view1, views.view2)]
+    assert probabilities == [0.25, 0.0]

@@ -21,6 +21,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from pretrain import tensor_augment as A
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, view_transform
+from pretrain.config import load_config
+from pretrain.errors import UserError
 
 UNIT = 1 / 255
 
@@ -236,6 +238,28 @@ def test_a_view_draws_what_view_transform_draws():
         for recipe in recipes:
             A.sample_view(draws, 30, 40, recipe)
         assert torch.equal(draws.generator.get_state(), torch.get_rng_state()), seed
+
+
+def test_blur_probabilities_are_settings_of_both_paths():
+    """``data.view1_blur``/``view2_blur`` reach both paths: the PIL path's random calls replay
+    in the tensor path under other probabilities too, and the draws follow them."""
+    blur = (0.3, 0.0)
+    two, recipes = TwoViews(16, blur=blur), A.two_view_recipes(16, blur=blur)
+    img = Image.new("RGB", (40, 30))
+    for seed in range(100):
+        torch.manual_seed(seed)
+        two(img)
+        draws = A.Draws(torch.Generator().manual_seed(seed))
+        for recipe in recipes:
+            A.sample_view(draws, 30, 40, recipe)
+        assert torch.equal(draws.generator.get_state(), torch.get_rng_state()), seed
+    n = 10_000
+    view1, view2 = A.sample_views([(32, 32)] * n, range(n), recipes)
+    assert binomial_ok(int(view1.blur.sum()), n, 0.3) and not view2.blur.any()
+    cfg = load_config(None, ["data.view1_blur=0.3", "data.view2_blur=0"])
+    assert (cfg.data.view1_blur, cfg.data.view2_blur) == blur
+    with pytest.raises(UserError, match="view2_blur"):
+        load_config(None, ["data.view2_blur=1.5"])
 
 
 def test_crop_distribution_matches_get_params_over_20000_draws():
