@@ -189,7 +189,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = trainer.run()
     if trainer.dist.main:
         print(f"checkpoint: {last}")
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """End a torchrun run as the SLURM path does: the process group destroyed before exit
+    (NCCL warns, and may hang at exit, when it is left to the interpreter's teardown)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
