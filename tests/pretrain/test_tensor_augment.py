@@ -224,35 +224,30 @@ def test_crop_box_is_get_params_with_the_same_seed(shape):
         assert box == tuple(ref), seed
 
 
-def test_a_view_draws_what_view_transform_draws():
-    """Replaying the PIL path's random calls: after both views of a sample, the global
-    generator (PIL path) and the sample's generator (tensor path) are at the same state."""
-    size = 16
+def assert_replays(two: TwoViews, recipes: tuple[A.ViewRecipe, ...], seeds: range) -> None:
+    """After both views of a 40×30 image, the global generator (PIL path) and the sample's
+    generator (tensor path) are at the same state, for every seed."""
     img = Image.new("RGB", (40, 30))
-    two = TwoViews(size)
-    recipes = A.two_view_recipes(size)
-    for seed in range(200):
+    for seed in seeds:
         torch.manual_seed(seed)
         two(img)
         draws = A.Draws(torch.Generator().manual_seed(seed))
         for recipe in recipes:
             A.sample_view(draws, 30, 40, recipe)
         assert torch.equal(draws.generator.get_state(), torch.get_rng_state()), seed
+
+
+def test_a_view_draws_what_view_transform_draws():
+    """Replaying the PIL path's random calls: the tensor path draws what it draws."""
+    assert_replays(TwoViews(16), A.two_view_recipes(16), range(200))
 
 
 def test_blur_probabilities_are_settings_of_both_paths():
     """``data.view1_blur``/``view2_blur`` reach both paths: the PIL path's random calls replay
     in the tensor path under other probabilities too, and the draws follow them."""
     blur = (0.3, 0.0)
-    two, recipes = TwoViews(16, blur=blur), A.two_view_recipes(16, blur=blur)
-    img = Image.new("RGB", (40, 30))
-    for seed in range(100):
-        torch.manual_seed(seed)
-        two(img)
-        draws = A.Draws(torch.Generator().manual_seed(seed))
-        for recipe in recipes:
-            A.sample_view(draws, 30, 40, recipe)
-        assert torch.equal(draws.generator.get_state(), torch.get_rng_state()), seed
+    recipes = A.two_view_recipes(16, blur=blur)
+    assert_replays(TwoViews(16, blur=blur), recipes, range(100))
     n = 10_000
     view1, view2 = A.sample_views([(32, 32)] * n, range(n), recipes)
     assert binomial_ok(int(view1.blur.sum()), n, 0.3) and not view2.blur.any()
