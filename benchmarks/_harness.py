@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from jobs.atomic import write_text
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -171,14 +173,6 @@ def command_line() -> str:
                      *(shlex.quote(a) for a in sys.argv[1:])])
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` then rename onto ``path``: a killed run never leaves half a result file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_results(script: str, title: str, body: str, data: dict[str, Any],
@@ -190,11 +184,10 @@ def write_results(script: str, title: str, body: str, data: dict[str, Any],
     md = [f"# {title}", "", "```bash", command_line(), "```", "", *machine_lines(info, load_before),
           "", body.rstrip(), ""]
     path = out_dir / f"{script}.md"
-    atomic_write(path, lambda t: t.write_text("\n".join(md)))
+    write_text(path, "\n".join(md))  # a killed run never leaves half a result file
     payload = {"command": command_line(), "machine": info, "load_average_at_start": load_before,
                **data}
-    atomic_write(out_dir / f"{script}.json",
-                 lambda t: t.write_text(json.dumps(payload, indent=1, default=str) + "\n"))
+    write_text(out_dir / f"{script}.json", json.dumps(payload, indent=1, default=str) + "\n")
     return path
 
 

@@ -5,22 +5,22 @@
 
 **Per core** (the default): one process, one torch thread, which is what one ``DataLoader``
 worker is. Interleaved in one run (A, B, C, A, ..., the order rotating), decode + both views
-of SPEC §1.1 for the same images, seeded per sample as ``pretrain.data`` seeds them:
+of SPEC §1.1 for the same images, seeded per sample as ``pretrain.data.folder`` seeds them:
 
-- **PIL** (``pretrain.augment.TwoViews``, today's path): PIL decode, torchvision transforms
+- **PIL** (``pretrain.data.views.PilTwoViews``, today's path): PIL decode, torchvision transforms
   on PIL images, one image at a time;
 - **v2 per image**: ``decode_jpeg`` + the same recipe in ``torchvision.transforms.v2`` on one
   uint8 tensor at a time (for reference);
-- **tensor, batched** (``pretrain.tensor_augment.TwoViewAugment``): ``decode_images`` on a
+- **tensor, batched** (``pretrain.data.tensor_views.TwoViewAugment``): ``decode_images`` on a
   chunk of files, then both views of the whole chunk at once;
 
 at 224 and 96 px on COCO JPEGs; the decoders alone; and at 32 px on CIFAR-10 JPEGs, where the
-batched path also runs on a resident uint8 copy (``pretrain.resident``: no file, no decode).
+batched path also runs on a resident uint8 copy (``pretrain.data.resident``: no file, no decode).
 
 **Device mode** (``--device cuda``; ``--device cpu`` runs the same code on the CPU, slowly,
 to prove it works): JPEG bytes → two normalised views on the device, in images/s:
 DataLoader workers on every core read bytes and draw parameters
-(``pretrain.tensor_pipeline.SampleInWorker``), the main process decodes (nvjpeg) and augments
+(``pretrain.data.tensor_pipeline.SampleInWorker``), the main process decodes (nvjpeg) and augments
 on the device (``views_from_encoded``); against the PIL path with the same workers, its views
 copied to the device as a trainer would. Also the device's decode alone, augmentation alone,
 and a resident CIFAR-10 copy on the device. Results go to ``data_pipeline_<device>.md``.
@@ -56,16 +56,18 @@ from benchmarks._harness import (  # noqa: E402
     synchronize,
     write_results,
 )
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews  # noqa: E402
-from pretrain.decode import EncodedImages, decode_cpu, decode_images, read_bytes  # noqa: E402
-from pretrain.resident import ResidentImages  # noqa: E402
-from pretrain.tensor_augment import (  # noqa: E402
-    TwoViewAugment,
-    blur_kernel_size,
-    image_sizes,
-    sample_seed,
+from pretrain.data.decode import (  # noqa: E402
+    EncodedImages,
+    decode_cpu,
+    decode_images,
+    read_bytes,
 )
-from pretrain.tensor_pipeline import SampleInWorker, views_from_encoded  # noqa: E402
+from pretrain.data.resident import ResidentImages  # noqa: E402
+from pretrain.data.tensor_ops import image_sizes  # noqa: E402
+from pretrain.data.tensor_params import blur_kernel_size, sample_seed  # noqa: E402
+from pretrain.data.tensor_pipeline import SampleInWorker, views_from_encoded  # noqa: E402
+from pretrain.data.tensor_views import TwoViewAugment  # noqa: E402
+from pretrain.data.views import IMAGENET_MEAN, IMAGENET_STD, PilTwoViews  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 DEFAULT_IMAGES = DATA / "coco_mini" / "train2017"
@@ -144,7 +146,7 @@ def per_core(args: argparse.Namespace) -> None:
         return next_chunk
 
     def pil_path(size: int, items: list[Path], n: int):
-        views, nxt = TwoViews(size), chunks(items, n)
+        views, nxt = PilTwoViews(size), chunks(items, n)
 
         def run() -> None:
             for index, path in nxt():
@@ -170,7 +172,7 @@ def per_core(args: argparse.Namespace) -> None:
             aug(decoded.images, [sample_seed(0, 0, chunk[k][0]) for k in decoded.kept])
         return run
 
-    pil_name = "PIL, per image (pretrain.augment.TwoViews)"
+    pil_name = "PIL, per image (pretrain.data.views.PilTwoViews)"
     for size in args.sizes:
         print(f"\ntwo views at {size} px, chunks of {args.chunk} images", flush=True)
         times = interleave({
@@ -236,7 +238,7 @@ class PilViews(Dataset):
     """The PIL path as ``TwoViewDataset`` runs it (decode + views in a worker)."""
 
     def __init__(self, paths: list[Path], size: int) -> None:
-        self.paths, self.views = paths, TwoViews(size)
+        self.paths, self.views = paths, PilTwoViews(size)
 
     def __len__(self) -> int:
         return len(self.paths)

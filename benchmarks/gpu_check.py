@@ -328,6 +328,7 @@ def check_amp(ctx: Ctx) -> dict[str, Any]:
     for amp in ("bf16", "fp16"):
         t = trainer(ctx, f"train.amp={amp}")
         loss = float(t.train_step(x1, x2)["loss"])
+        t.step += 1  # as the loop counts it
         loss2 = float(t.train_step(x1, x2)["loss"])
         finite = not nonfinite_tensors(t.model)
         r = rel(loss, ref_loss)

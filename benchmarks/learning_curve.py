@@ -41,7 +41,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._harness import atomic_write, machine  # noqa: E402
+from benchmarks._harness import machine  # noqa: E402
+from jobs.atomic import replace_file, write_text  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.errors import UserError  # noqa: E402
 from pretrain.evaluate import knn_eval  # noqa: E402
@@ -203,7 +204,7 @@ def write_report(rows: list[dict], out: Path, command: str, info: dict) -> Path:
                          f"{_pm([r['knn_teacher'] for r in at])} | "
                          f"{_pm([r['knn_student'] for r in at])} |")
     md = out / "learning_curve.md"
-    atomic_write(md, lambda t: t.write_text("\n".join(lines) + "\n"))
+    write_text(md, "\n".join(lines) + "\n")
     plot(groups, out / "learning_curve.png")
     return md
 
@@ -279,7 +280,7 @@ def plot(groups: dict[tuple, list[dict]], png: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("kNN top-1 on the validation images; step 0 = the random-network floor")
     fig.tight_layout()
-    atomic_write(png, lambda t: fig.savefig(t, dpi=110, format="png"))
+    replace_file(png, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -358,8 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                         stale = (method, batch, seed, args.images)
                         if any(cell_key(r) == stale for r in rows):  # a killed cell's points
                             rows[:] = [r for r in rows if cell_key(r) != stale]
-                            atomic_write(raw, lambda t: t.write_text(
-                                "".join(json.dumps(r) + "\n" for r in rows)))
+                            write_text(raw, "".join(json.dumps(r) + "\n" for r in rows))
                         run_cell(method, batch, seed, args, emit)
                         write_report(rows, out, command, info)
         md = write_report(rows, out, command, info)

@@ -114,6 +114,7 @@ def build_ours(method: str, arch: str, size: int, batch: int, device: str, amp: 
 
     def step(v1: torch.Tensor, v2: torch.Tensor) -> None:
         trainer.train_step(v1, v2)
+        trainer.step += 1  # as the loop counts it
 
     return step, trainer
 

@@ -29,8 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._harness import atomic_write  # noqa: E402
 from benchmarks.learning_curve import METHODS, knn_bank, read_rows  # noqa: E402
+from jobs.atomic import replace_file, write_text  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.evaluate import knn_eval, random_backbone  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
@@ -121,7 +121,7 @@ def write_report(rows: list[dict], out_dir: Path, command: str) -> Path:
                      f"{cell(s, 'knn_teacher')} | {cell(s, 'knn_student')} | {cell(s, 'gap')} | "
                      f"{cell(s, 'train_seconds', '.0f')} |")
     md = out_dir / "small_batch_study.md"
-    atomic_write(md, lambda t: t.write_text("\n".join(lines) + "\n"))
+    write_text(md, "\n".join(lines) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -156,7 +156,7 @@ def write_report(rows: list[dict], out_dir: Path, command: str) -> Path:
         ax.legend(fontsize=8)
     fig.tight_layout()
     png = out_dir / "small_batch_study.png"
-    atomic_write(png, lambda t: fig.savefig(t, dpi=120, format="png"))
+    replace_file(png, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
     return md
 

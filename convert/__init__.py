@@ -15,10 +15,33 @@ CIFAR-stem and narrow/wide ResNets (``archs.Variant``) convert to ``.pth`` only 
 
 from __future__ import annotations
 
-from .errors import ConversionError
-from .pipeline import VerificationError, convert_checkpoint, read_backbone, summary_lines
-from .verify import TorchvisionReport, VerifyReport, verify_detectron2, verify_torchvision
+import importlib
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from .errors import ConversionError
+    from .pipeline import VerificationError, convert_checkpoint, read_backbone, summary_lines
+    from .verify import TorchvisionReport, VerifyReport, verify_detectron2, verify_torchvision
+
+#: Each name of the API and its module, imported on first use: ``m2t-convert --help`` then
+#: starts without torch.
+_API = {"ConversionError": ".errors", "TorchvisionReport": ".verify",
+        "VerificationError": ".pipeline", "VerifyReport": ".verify",
+        "convert_checkpoint": ".pipeline", "read_backbone": ".pipeline",
+        "summary_lines": ".pipeline", "verify_detectron2": ".verify",
+        "verify_torchvision": ".verify"}
 __all__ = ["ConversionError", "TorchvisionReport", "VerificationError", "VerifyReport",
            "convert_checkpoint", "read_backbone", "summary_lines", "verify_detectron2",
            "verify_torchvision"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -14,25 +14,27 @@ import argparse
 import sys
 import warnings
 
-from . import archs
+from .choices import FORMATS, RESNETS
 from .errors import ConversionError, ConversionWarning, one_line
-from .pipeline import FORMATS, VerificationError, convert_checkpoint, summary_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m2t-convert",
         description="Convert a ResNet checkpoint (ours, the Momentum² Teacher authors', MoCo, "
-                    "BYOL, EMAN, solo-learn, Lightning or plain torchvision) to a Detectron2 "
-                    ".pkl or a torchvision .pth backbone state dict.")
+                    "DINO, PixPro, BYOL, EMAN, solo-learn, lightly, mmselfsup, OpenSelfSup, "
+                    "timm, .safetensors or plain torchvision: docs/checkpoint-formats.md) to a "
+                    "Detectron2 .pkl or a torchvision .pth backbone state dict.")
     parser.add_argument("input", help="checkpoint path or URL (read through iopath)")
     parser.add_argument("output", help="output file: .pkl for Detectron2, .pth for torchvision")
     parser.add_argument("--branch", choices=("teacher", "student"), default=None,
                         help="which network of a teacher-student checkpoint to export "
-                             "(default: teacher, or what our checkpoint's config asks)")
+                             "(default: the one the checkpoint's own code transfers, e.g. "
+                             "MoCo's encoder_q, DINO's teacher; ours: by method; see "
+                             "docs/checkpoint-formats.md)")
     parser.add_argument("--format", choices=FORMATS, default=None, dest="fmt",
                         help="output format (default: from the output's extension)")
-    parser.add_argument("--arch", choices=tuple(archs.RESNETS), default=None,
+    parser.add_argument("--arch", choices=tuple(RESNETS), default=None,
                         help="expected architecture; an error if the checkpoint holds another")
     parser.add_argument("--verify", action="store_true",
                         help="prove the result: Detectron2 loads every backbone tensor and "
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (0 success, 2 conversion/verify failure)."""
     args = build_parser().parse_args(argv)
+    from .pipeline import VerificationError, convert_checkpoint, summary_lines  # torch: seconds
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # library chatter (torch, Detectron2) is not for users

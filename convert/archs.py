@@ -27,14 +27,7 @@ from typing import NamedTuple
 import torch
 import torchvision
 
-#: name → (block type, blocks per stage), as in torchvision.models.resnet.
-RESNETS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
-    "resnet18": ("basic", (2, 2, 2, 2)),
-    "resnet34": ("basic", (3, 4, 6, 3)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3)),
-    "resnet101": ("bottleneck", (3, 4, 23, 3)),
-    "resnet152": ("bottleneck", (3, 8, 36, 3)),
-}
+from .choices import RESNETS  # name → (block type, blocks per stage)
 
 _BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.")
 

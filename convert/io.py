@@ -1,7 +1,8 @@
 """Reading checkpoints (through iopath: local paths and URLs alike) and writing outputs atomically.
 
 Reading uses ``torch.load(weights_only=True)``: a checkpoint is data, and loading it must not
-run code from the file. The few plain-data types common self-supervised checkpoints pickle
+run code from the file (a ``.safetensors`` file is read by the safetensors package, which
+holds no code at all). The few plain-data types common self-supervised checkpoints pickle
 besides tensors are allowed explicitly (``SAFE_GLOBALS``); a file that pickles anything else
 is refused with the type named; ``unsafe=True`` (``--unsafe-load``) falls back to a full
 unpickle for files the user trusts, with a warning. A file that is not a checkpoint at all is
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import stat
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +25,8 @@ from typing import IO, Any
 
 import torch
 from iopath.common.file_io import HTTPURLHandler, PathManager
+
+from jobs.atomic import replace_files
 
 from . import sniff
 from .errors import ConversionError, ConversionWarning, first_line, refused_global, refused_pickle
@@ -44,25 +46,51 @@ def is_url(path: str) -> bool:
 
 
 def load_checkpoint(path: str, unsafe: bool = False) -> Any:
-    """The object ``torch.save`` wrote to ``path``, with every tensor on the CPU."""
+    """The object ``torch.save`` wrote to ``path`` (or the tensors of a ``.safetensors``
+    file), with every tensor on the CPU."""
+    return read_checkpoint(path, unsafe)[0]
+
+
+def read_checkpoint(path: str, unsafe: bool = False) -> tuple[Any, str]:
+    """``load_checkpoint``'s object and the kind of file it came from: "torch.save" or
+    "safetensors" (read by the safetensors package, which runs no code)."""
     if not is_url(path):
         _check_input_file(Path(path))
     try:
         with PATHS.open(path, "rb") as f:
             head = f.read(sniff.HEAD_BYTES)
             f.seek(0)
+            if sniff.is_safetensors(head):
+                return _safetensors_load(path), "safetensors"
             if not sniff.is_checkpoint_head(head):
+                if sniff.is_pickle(head):  # say what the pickle is, from more of its opcodes
+                    head = f.read(sniff.PICKLE_SCAN_BYTES)
                 raise ConversionError(path, sniff.non_checkpoint_kind(head))
             kind = sniff.zip_kind(f) if head.startswith(sniff.ZIP_MAGIC) else None
             if kind is not None:
                 raise ConversionError(path, kind)
-            return _torch_load(f, path, unsafe)
+            return _torch_load(f, path, unsafe), "torch.save"
     except ConversionError:
         raise
     except OSError as e:
         raise ConversionError(path, f"cannot read: {e.strerror or e}") from None
     except Exception as e:  # iopath handlers raise their own types for URLs they cannot fetch
         raise ConversionError(path, f"cannot read: {e}") from None
+
+
+def _safetensors_load(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (timm, Hugging Face), through the safetensors
+    package: a JSON header and raw bytes, never a pickle."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ConversionError(path, "is a safetensors file; reading it needs the safetensors "
+                                    "package (pip install safetensors)") from None
+    try:
+        return load_file(PATHS.get_local_path(path), device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad file
+        raise ConversionError(path, f"is a safetensors file that cannot be read "
+                                    f"({first_line(e)})") from None
 
 
 def _check_input_file(path: Path) -> None:
@@ -157,76 +185,14 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
 Writer = Callable[[IO[bytes]], None]
 
 
-def write_atomic(path: Path, write: Writer, check: Callable[[Path], None] | None = None) -> None:
-    """Let ``write`` fill a temporary file next to ``path``, then rename it to ``path``.
-
-    ``check``, if given, runs on the complete temporary file (which keeps the output's suffix,
-    so readers that dispatch on it work) before it takes the final name; if it raises, no
-    output appears.
-    """
-    write_all_atomic([(path, write)], check)
-
-
 def write_all_atomic(files: Sequence[tuple[Path, Writer]],
                      check: Callable[[Path], None] | None = None) -> None:
-    """``write_atomic`` for files that belong together (a .pkl and its .yaml): each is written
-    and fsynced as a temporary file beside its name, ``check`` runs on the first, and only
-    then are all renamed; on any failure every temporary is removed and no output changes."""
-    staged: list[tuple[Path, str]] = []
-    current = files[0][0]
+    """Write files that belong together (a .pkl and its .yaml) through
+    :func:`jobs.atomic.replace_files`: ``check`` runs on the first one's complete temporary
+    (which keeps the output's suffix, so readers that dispatch on it work) before any takes
+    its name; on any failure no output changes, and an ``OSError`` is one ``ConversionError``.
+    """
     try:
-        for current, write in files:
-            staged.append((current, _write_temporary(current, write)))
-        if check is not None:
-            current = staged[0][0]
-            check(Path(staged[0][1]))
-        for current, tmp in staged:
-            os.replace(tmp, current)
-        for folder in {p.parent for p, _ in staged}:
-            _fsync_folder(folder)
+        replace_files(files, check, keep_suffix=True)
     except OSError as e:
-        _remove(staged)
-        raise ConversionError(current, f"cannot write: {e.strerror or e}") from None
-    except BaseException:
-        _remove(staged)
-        raise
-
-
-def _write_temporary(path: Path, write: Writer) -> str:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
-                               suffix=f".tmp{path.suffix}")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _remove(staged: Sequence[tuple[Path, str]]) -> None:
-    for _, tmp in staged:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the renames durable (best effort: not every file system can fsync a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        raise ConversionError(e.filename, f"cannot write: {e.strerror or e}") from None

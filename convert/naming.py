@@ -1,4 +1,4 @@
-"""torchvision ↔ Detectron2 ResNet key names: the only module that knows both schemes.
+"""torchvision ↔ Detectron2 ResNet key names: the only module that knows the naming schemes.
 
 A torchvision ResNet (``torchvision.models.resnet50()``) names its tensors
 
@@ -39,6 +39,19 @@ _TORCHVISION_BODY = (
 )
 _TORCHVISION_KEY = re.compile(r"(?:^|\.)(" + _TORCHVISION_BODY + r")$")
 
+#: The same backbone saved as ``nn.Sequential(*list(resnet.children())[:-1])`` (lightly's
+#: examples): the children are numbered, conv1 = 0, bn1 = 1 (2 and 3, ReLU and max-pool, hold
+#: no tensors), layer1..layer4 = 4..7.
+SEQUENTIAL_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3",
+                       "7": "layer4"}
+_SEQUENTIAL_BODY = (
+    r"0\.weight"
+    r"|1\.[a-z_]+"
+    r"|[4-7]\.\d+\.(?:conv[1-3]\.weight|bn[1-3]\.[a-z_]+"
+    r"|downsample\.0\.weight|downsample\.1\.[a-z_]+)"
+)
+_SEQUENTIAL_KEY = re.compile(r"(?:^|\.)(" + _SEQUENTIAL_BODY + r")$")
+
 _STAGE = re.compile(r"^layer([1-4])$")
 _D2_STAGE = re.compile(r"^res([2-5])$")
 _BN = re.compile(r"^bn([1-3])$")
@@ -58,6 +71,26 @@ def split_torchvision_key(key: str) -> tuple[str, str] | None:
     if match is None:
         return None
     return key[: match.start(1)], match.group(1)
+
+
+def split_sequential_key(key: str) -> tuple[str, str, str] | None:
+    """Split a key of a ResNet saved as numbered children into (prefix, tail, torchvision key).
+
+    ``tail`` is the key's end as written, the torchvision key what it names. Whether a prefix
+    really holds such a backbone is for the caller to judge from all its keys: ``1.weight``
+    alone could be any second module's weight.
+
+    >>> split_sequential_key("backbone.4.0.downsample.1.running_var")
+    ('backbone.', '4.0.downsample.1.running_var', 'layer1.0.downsample.1.running_var')
+    >>> split_sequential_key("backbone_momentum.1.bias")
+    ('backbone_momentum.', '1.bias', 'bn1.bias')
+    """
+    match = _SEQUENTIAL_KEY.search(key)
+    if match is None:
+        return None
+    tail = match.group(1)
+    child, _, rest = tail.partition(".")
+    return key[: match.start(1)], tail, f"{SEQUENTIAL_CHILDREN[child]}.{rest}"
 
 
 def torchvision_to_detectron2(key: str) -> str | None:

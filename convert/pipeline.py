@@ -26,11 +26,11 @@ import torch
 import torchvision
 
 from . import archs, layouts
+from .choices import FORMATS
 from .errors import ConversionError, PathArg
-from .io import check_writable, load_checkpoint, write_all_atomic
+from .io import check_writable, read_checkpoint, write_all_atomic
 from .naming import detectron2_config_yaml, torchvision_to_detectron2
 
-FORMATS = ("d2", "torchvision")
 _EXTENSIONS = {".pkl": "d2", ".pth": "torchvision", ".pt": "torchvision"}
 AUTHOR = "m2t-convert (momentum2)"
 
@@ -153,8 +153,9 @@ def read_backbone(source: str, branch: str | None = None, arch: str | None = Non
     variant's shapes and, in our checkpoints, against ``config.model.stem``/``width``.
     Raises ``ConversionError`` saying what was expected and what was found.
     """
+    loaded, file_kind = read_checkpoint(source, unsafe=unsafe_load)
     try:
-        contents = layouts.scan(load_checkpoint(source, unsafe=unsafe_load))
+        contents = layouts.scan(loaded)
     except ValueError as e:
         raise ConversionError(source, str(e)) from None
     if not contents.backbones:
@@ -166,7 +167,10 @@ def read_backbone(source: str, branch: str | None = None, arch: str | None = Non
             raise ConversionError(source, f"is not a ResNet: its tensors look like {other}; "
                                           f"only torchvision-style ResNets "
                                           f"({', '.join(archs.RESNETS)}) can be converted")
-        raise ConversionError(source, layouts.no_resnet_message(contents))
+        message = layouts.no_resnet_message(contents)  # "holds ..."
+        if file_kind == "safetensors":
+            message = f"is a safetensors file that {message}"
+        raise ConversionError(source, message)
     try:
         selection = layouts.select(contents, branch, prefix)
     except ValueError as e:
@@ -229,8 +233,9 @@ def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = Non
                        unsafe_load: bool = False) -> dict[str, Any]:
     """Convert the ResNet backbone in ``input`` to Detectron2 (.pkl) or torchvision (.pth).
 
-    ``branch``: "teacher" or "student"; None takes the checkpoint's own preference, else the
-    teacher. ``fmt``: "d2" or "torchvision"; None goes by the extension. ``arch``: the
+    ``branch``: "teacher" or "student"; None takes the default (SPEC §3): our checkpoint's
+    ``train.export_branch`` or its method's choice, else what the layout's source transfers
+    (``layouts.default_branch``). ``fmt``: "d2" or "torchvision"; None goes by the extension. ``arch``: the
     expected architecture, checked against the one detected from the tensors. ``verify``:
     prove the result with Detectron2 (``verify_detectron2``) before it takes its name.
     ``prefix``: pick the backbone under this key prefix when the layout is not recognised.
@@ -315,6 +320,7 @@ def convert_checkpoint(input: PathArg, output: PathArg, branch: str | None = Non
         "input_kind": _input_kind(contents, selection),
         "prefix": selection.backbone.found_as,
         "branch": selection.branch,
+        "branch_why": selection.why,
         "note": selection.note,
         "arch": detected,
         "stem": variant.stem,
@@ -341,7 +347,9 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     lines = [
         f"input:    {summary['input']}",
         f"detected: {summary['input_kind']}",
-        f"branch:   {branch} (prefix '{summary['prefix']}')",
+        f"branch:   {branch} "
+        + (f"({summary['branch_why']}) " if summary.get("branch_why") else "")
+        + f"(prefix '{summary['prefix']}')",
     ]
     if summary["note"]:
         lines.append(f"          {summary['note']}")

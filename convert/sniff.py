@@ -3,11 +3,14 @@
 ``torch.save`` writes a ZIP archive holding ``<name>/data.pkl`` (or, before PyTorch 1.6, a
 protocol-2 pickle starting with a magic number). Anything else is named by kind, so that the
 error says what the user actually gave (an empty download, a JSON file renamed ``.pth``, a
-Detectron2 ``.pkl``, a TorchScript or safetensors file) and what to do about it.
+Detectron2 ``.pkl``, a DeepMind BYOL JAX pickle, a TorchScript archive) and what to do about
+it. A safetensors file is recognised here too, and read (``io``).
 """
 
 from __future__ import annotations
 
+import io
+import pickletools
 import struct
 import zipfile
 from typing import IO
@@ -39,12 +42,10 @@ def non_checkpoint_kind(head: bytes) -> str:
     for magic, kind in _MAGIC:
         if head.startswith(magic):
             return f"is {kind}"
-    if head[:1] == b"\x80":
-        return ("is a plain Python pickle, not a PyTorch checkpoint (a Detectron2 .pkl, such "
-                "as m2t-convert writes, is already converted: give it to m2t-transfer as it is)")
-    if _is_safetensors(head):
-        return ("is a safetensors file, not a torch.save checkpoint; load it with "
-                "safetensors.torch.load_file and torch.save the state dict to convert it")
+    if is_pickle(head):
+        return pickle_kind(head)
+    if is_safetensors(head):
+        return "is a safetensors file (read with the safetensors package)"
     text = _as_text(head)
     if text is not None:
         stripped = text.lstrip()
@@ -80,7 +81,60 @@ def zip_kind(f: IO[bytes]) -> str | None:
             "one, unzip it and convert that file")
 
 
-def _is_safetensors(head: bytes) -> bool:
+def is_pickle(head: bytes) -> bool:
+    """A pickle of protocol 2 or later (what ``pickle.dump`` writes) starts with PROTO."""
+    return head[:1] == b"\x80" and not head.startswith(LEGACY_MAGIC)
+
+
+#: How much of a plain pickle ``pickle_kind`` reads: its first keys and class names come
+#: long before the arrays' bytes.
+PICKLE_SCAN_BYTES = 1 << 20
+_PICKLE_SCAN_OPCODES = 100_000
+
+#: Detectron2 parameter names (what m2t-convert and the model zoo's .pkl files hold).
+_DETECTRON2_NAMES = ("stem.conv1", "res2.", "res5.", "conv1_w", "res_conv1_bn")
+
+
+def pickle_kind(data: bytes) -> str:
+    """Why a plain pickle starting with ``data`` is not a checkpoint, naming what it is.
+
+    The pickle is only parsed (``pickletools.genops``), never run: its strings and the
+    classes it names tell a DeepMind BYOL (JAX/Haiku) checkpoint and a Detectron2 .pkl apart
+    from any other pickle.
+    """
+    strings = _pickle_strings(data)
+    plain = "is a plain Python pickle, not a PyTorch checkpoint"
+    haiku = any("/~/" in s for s in strings)  # Haiku's module path separator
+    if "experiment_state" in strings and (
+            haiku or "online_params" in strings or any("ByolExperimentState" in s
+                                                      for s in strings)):
+        return (f"{plain}: a DeepMind BYOL checkpoint (JAX/Haiku: experiment_state with "
+                f"online_params / target_params), which m2t-convert does not read; export its "
+                f"online_params to a torchvision state dict with torch.save and convert that")
+    if haiku:
+        return (f"{plain}: JAX/Haiku parameters (names like '.../~/...'), which m2t-convert "
+                f"does not read; export them to a torchvision state dict with torch.save")
+    if any(name in s for s in strings for name in _DETECTRON2_NAMES) or "__author__" in strings:
+        return (f"{plain}: a Detectron2 .pkl (names like 'stem.conv1', 'res2'), such as "
+                f"m2t-convert writes, is already converted: give it to m2t-transfer as it is")
+    return f"{plain} (expected a file written by torch.save)"
+
+
+def _pickle_strings(data: bytes) -> set[str]:
+    """The text arguments of the first opcodes of the pickle ``data`` (keys, class names)."""
+    strings: set[str] = set()
+    try:
+        for count, (_, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
+            if count >= _PICKLE_SCAN_OPCODES:
+                break
+            if isinstance(arg, str) and len(arg) < 1000:
+                strings.add(arg)
+    except Exception:  # the scan ends where ``data`` is cut, or where the pickle is damaged
+        pass
+    return strings
+
+
+def is_safetensors(head: bytes) -> bool:
     """safetensors: an 8-byte little-endian header length, then a JSON object."""
     if len(head) < 10:
         return False

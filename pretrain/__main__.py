@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from jobs.options import add_job_options, given_options
+
 from .errors import UserError
 
 CONFIG_DIR = (Path(__file__).resolve().parent / "configs").resolve()  # the link, followed
@@ -54,29 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shorthand for train.device=...")
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.epochs=5 data.batch_size=64")
-    j = t.add_argument_group(
-        "SLURM", "submit the run as a job (submitit) instead of running it here; one task "
-                 "(rank) per GPU; requeued with a checkpoint before a time limit or preemption")
-    j.add_argument("--slurm", action="store_true", help="submit; print the job id and return")
-    j.add_argument("--cluster", choices=("slurm", "local"),
-                   help="slurm (default: sbatch) or local (submitit's local executor: the "
-                        "tasks as processes on this machine, e.g. a dry run)")
-    j.add_argument("--nodes", type=int, metavar="N", help="default 1")
-    j.add_argument("--gpus-per-node", type=int, metavar="N",
-                   help="default 8; 0: a CPU job (gloo)")
-    j.add_argument("--tasks-per-node", type=int, metavar="N",
-                   help="default: one per GPU (1 for a CPU job)")
-    j.add_argument("--cpus-per-task", type=int, metavar="N")
-    j.add_argument("--mem-gb", type=float, metavar="GB", help="memory per node")
-    j.add_argument("--time", type=int, metavar="MINUTES",
-                   help="the job's time limit (default 1440); the run goes on in a requeued "
-                        "job")
-    j.add_argument("--partition")
-    j.add_argument("--account")
-    j.add_argument("--qos")
-    j.add_argument("--constraint")
-    j.add_argument("--wait", action="store_true",
-                   help="wait for the job (and its requeues) to end and print the result")
+    add_job_options(t, "the run")  # --slurm, --nodes, ...: jobs.options
     for name, what in (("knn", "kNN top-1 (cosine, temperature-weighted votes)"),
                        ("linear", "linear probe top-1/top-5 on frozen features")):
         e = sub.add_parser(name, help=f"{what} of a run's teacher and/or student backbone")
@@ -102,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_eval_args(args: argparse.Namespace) -> None:
     """The numbers of ``knn``/``linear`` within the ranges of the config settings they mirror."""
     from .config import Range, check_range, range_of
-    from .train import check_device
+    from .distributed import check_device
 
     if args.image_size is not None:
         check_range("--image-size", args.image_size, range_of("data.image_size"))
@@ -124,11 +104,7 @@ def check_train_args(args: argparse.Namespace) -> None:
 
 def slurm_options(args: argparse.Namespace) -> dict[str, object]:
     """The job options of ``train`` as given (None: not given), by their flag."""
-    names = ("cluster", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb",
-             "time", "partition", "account", "qos", "constraint")
-    given = {f"--{n.replace('_', '-')}": getattr(args, n) for n in names}
-    given["--wait"] = True if args.wait else None
-    return given
+    return given_options(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -159,8 +135,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import load_resume
     from .config import load_config
-    from .train import Trainer, check_device, resume_config
+    from .train import Trainer
 
     check_train_args(args)
     job = None
@@ -172,17 +149,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.device:
         overrides.append(f"train.device={args.device}")
     resume = args.resume and (Path(args.out) / "last.pth").exists()
-    if resume:
-        cfg = resume_config(args.out, overrides)
+    if resume:  # last.pth read here, once: its config, then the state Trainer restores
+        cfg, ckpt = load_resume(args.out, overrides)
     else:
-        cfg = load_config(resolve_config_path(args.config), overrides)
+        cfg, ckpt = load_config(resolve_config_path(args.config), overrides), None
     if job is not None:
         from .slurm import submit
 
         return submit(job, cfg, overrides, resume, data=args.data, out=args.out, val=args.val,
                       stop_after=args.stop_after, profile=args.profile, wait=args.wait)
-    check_device(cfg.train.device)
-    trainer = Trainer(cfg, args.data, args.out, val=args.val, resume=resume,
+    trainer = Trainer(cfg, args.data, args.out, val=args.val, resume=ckpt,
                       stop_after=args.stop_after, profile_steps=args.profile)
     if trainer.dist.main:
         print("resolved config:\n" + cfg.dump(), flush=True)

@@ -1,21 +1,30 @@
-"""Checkpoints: atomic saves (temporary file + rename) and validated loads."""
+"""Checkpoints: atomic saves (temporary file + rename), validated loads, and what a
+pretraining checkpoint holds: ``capture`` takes it from a ``Trainer``, ``restore`` puts it
+back, and ``load_resume`` reads a run's last.pth (once) to continue it.
+"""
 
 from __future__ import annotations
 
 import io
 import os  # noqa: F401  (tests patch pretrain.checkpoint.os.fsync: the fsync of replace_file)
 import pickle
-import re
+import random
 import warnings
 import zipfile
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from iopath.common.file_io import PathManager
 
+from jobs.atomic import TEMPORARY, replace_file
+
+from .config import Config, apply_overrides, config_from_dict
 from .errors import UserError, first_line, refused_global, refused_pickle
-from .rundir import replace_file
+
+if TYPE_CHECKING:
+    from .train import Trainer
 
 FORMAT = "momentum2-pretrain"
 VERSION = 1
@@ -73,9 +82,6 @@ class _WriteErrors:
         self.f.flush()
 
 
-#: The temporary name of :func:`~pretrain.rundir.replace_file`: checkpoints, config.yaml, the
-#: metrics file trimmed on resume.
-TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
 
 
 def remove_partial_saves(folder: str | Path) -> list[Path]:
@@ -180,3 +186,112 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise UserError(f"{path}: damaged checkpoint: '{key}' is {found}, expected a "
                             f"{getattr(kind, '__name__', kind)}")
     return obj
+
+
+# ----- a run's checkpoint: taken from a Trainer, put back into one -------------------------
+def load_resume(out: str | Path, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
+    """The checkpoint ``out/last.pth``, read once, and the config saved in it with the
+    command-line ``overrides`` on top: what ``Trainer(cfg, ..., resume=ckpt)`` continues."""
+    last = Path(out) / "last.pth"
+    if not last.exists():
+        raise UserError(f"{last}: nothing to resume (no last.pth in the run directory)")
+    ckpt = load_checkpoint(last)
+    return apply_overrides(config_from_dict(ckpt["config"], str(last)), overrides), ckpt
+
+
+def check_resumable(ckpt: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuse to continue the checkpoint at ``path`` with other model settings."""
+    if config_from_dict(ckpt["config"], str(path)).model != cfg.model:
+        raise UserError(f"{path}: the model settings differ from the checkpoint's; "
+                        f"resume with the saved config (see {path.parent / 'config.yaml'})")
+
+
+def capture(trainer: Trainer) -> dict[str, Any] | None:
+    """``trainer``'s checkpoint as it is now, on the main process (None on the others).
+
+    A collective: every rank takes part, as each rank's teacher buffers are gathered.
+    """
+    per_rank = _teacher_buffers_by_rank(trainer)
+    if not trainer.dist.main:
+        return None
+    cfg, step, per_epoch = trainer.cfg, trainer.step, trainer.per_epoch
+    state = {
+        "format": FORMAT, "version": VERSION,
+        "method": cfg.model.method, "arch": cfg.model.arch,
+        "export_branch": cfg.train.export_branch,
+        "config": cfg.to_dict(),
+        "student": trainer.model.student.state_dict(),
+        "teacher": trainer.model.teacher.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "step": step, "epoch": step // per_epoch,
+        "total_steps": trainer.total_steps, "world_size": trainer.dist.world_size,
+        "sampler": {"epoch": step // per_epoch, "start_batch": step % per_epoch,
+                    "seed": cfg.train.seed},
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
+    if per_rank is not None:
+        state["teacher_buffers_by_rank"] = per_rank
+    return state
+
+
+def _teacher_buffers_by_rank(trainer: Trainer) -> list[dict[str, torch.Tensor]] | None:
+    """Every rank's teacher buffers, gathered on each rank (None on one process).
+
+    Without SyncBN each process's teacher normalises with its own batches, so its BN
+    statistics (m2t's momentum BN above all) differ from rank to rank; the checkpoint's
+    ``teacher`` holds rank 0's, and an exact resume needs each rank's own.
+    """
+    if trainer.dist.world_size == 1:
+        return None
+    mine = {k: v.detach().cpu() for k, v in trainer.model.teacher.named_buffers()}
+    gathered: list[Any] = [None] * trainer.dist.world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def restore(trainer: Trainer, ckpt: dict[str, Any], path: Path) -> int:
+    """Put ``ckpt`` (read from ``path``) back into ``trainer``'s model, optimiser, loss
+    scaler and random-number generators; returns the step it holds."""
+    t = trainer
+    if ckpt.get("total_steps") != t.total_steps:
+        raise UserError(f"{path}: checkpoint was made for {ckpt.get('total_steps')} total "
+                        f"steps, this run has {t.total_steps}; the schedules would not "
+                        f"match (check data, batch size, epochs and world size)")
+    try:
+        t.model.student.load_state_dict(ckpt["student"])
+        t.model.teacher.load_state_dict(ckpt["teacher"])
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        t.scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        first = first_line(exc, 200)
+        raise UserError(f"{path}: checkpoint does not fit this model: {first}") from None
+    try:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(_as_random_state(ckpt["rng"]["python"]))
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = first_line(exc, 200)
+        raise UserError(f"{path}: damaged checkpoint: its random-number state cannot be "
+                        f"restored ({first})") from None
+    per_rank = ckpt.get("teacher_buffers_by_rank")
+    if isinstance(per_rank, list) and len(per_rank) == t.dist.world_size > 1:
+        own = per_rank[t.dist.rank]
+        try:
+            with torch.no_grad():
+                for name, buf in t.model.teacher.named_buffers():
+                    buf.copy_(own[name])
+        except (KeyError, RuntimeError, TypeError) as exc:
+            first = first_line(exc, 200)
+            raise UserError(f"{path}: damaged checkpoint: rank {t.dist.rank}'s teacher "
+                            f"statistics do not fit ({first})") from None
+    step = int(ckpt["step"])
+    if not 0 <= step <= t.total_steps:
+        raise UserError(f"{path}: damaged checkpoint: step {step} is outside "
+                        f"0..{t.total_steps}")
+    return step
+
+
+def _as_random_state(state: Any) -> tuple:
+    """``random.getstate()`` comes back from a checkpoint with lists where tuples were."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

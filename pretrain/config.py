@@ -134,7 +134,7 @@ class TrainConfig:
     knn_every_epochs: int = setting(10, ge=1)  # kNN monitor cadence when --val is given
     knn_k: int = setting(20, ge=1)
     knn_temperature: float = setting(0.07, gt=0.0)
-    export_branch: str = "teacher"       # which weights m2t-convert takes by default
+    export_branch: str = "auto"          # m2t-convert's default branch; auto: by method (SPEC §3)
     nonfinite: str = "stop"              # on a NaN/inf loss: stop | skip (the step, counted)
 
 
@@ -160,7 +160,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # model.method: the registry (see ``cho
     "optim.name": ("sgd", "lars"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.export_branch": ("teacher", "student"),
+    "train.export_branch": ("auto", "teacher", "student"),
     "train.nonfinite": ("stop", "skip"),
     "data.pipeline": ("auto", "pil", "tensor"),
     "data.cache": ("none", "device"),
@@ -170,11 +170,13 @@ CHOICES: dict[str, tuple[str, ...]] = {  # model.method: the registry (see ``cho
 def choices(key: str) -> tuple[str, ...] | None:
     """The values the string setting ``key`` may take, if they are a fixed list.
 
-    ``model.method``: every name registered in ``pretrain.methods`` (the default first), looked
-    up when asked, so that registering a method class makes it selectable.
+    ``model.method``: every name registered in ``pretrain.methods.METHODS`` (the default
+    first), looked up when asked, so that registering a method class makes it selectable. This
+    is where a method name is checked; ``methods`` does not import this module (it would be an
+    import cycle) and is imported here, not above, as only a config naming a method needs it.
     """
     if key == "model.method":
-        from .methods import method_names  # here, not above: methods imports this module
+        from .methods import method_names
 
         return tuple(sorted(method_names(), key=lambda name: (name != ModelConfig.method, name)))
     return CHOICES.get(key)

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .augment import eval_transform
 from .checkpoint import load_checkpoint
 from .config import config_from_dict
-from .data import Loader, check_same_classes, collate_labelled, image_folder
+from .data.folder import check_same_classes, collate_labelled, image_folder
+from .data.loader import Loader
+from .data.views import eval_transform
 from .errors import UserError, first_line
 from .knn import extract_features, knn_accuracy
 from .methods import build_method

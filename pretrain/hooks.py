@@ -1,10 +1,11 @@
 """What a pretraining run does around its steps, one hook each (Detectron2's ``HookBase`` idea).
 
 The ``Trainer`` loop only runs steps and ends epochs; everything else is a hook that can be
-read, tested and switched on its own: the progress log (``ProgressLog``), checkpoints
-(``PeriodicCheckpoint``), the kNN monitor (``KnnMonitor``), the profiler (``Profile``), and,
-from ``pretrain/slurm.py``, the stop on a preemption signal. Hooks run in the order they were
-registered; ``after_step`` sees the step's output in ``trainer.last_out``.
+read, tested and switched on its own: the bad-image accounting (``BadImages``), the progress
+log (``ProgressLog``), checkpoints (``PeriodicCheckpoint``), the kNN monitor (``KnnMonitor``),
+the profiler (``Profile``), and, from ``pretrain/slurm.py``, the stop on a preemption signal.
+Hooks run in the order they were registered; ``after_step`` sees the step's output in
+``trainer.last_out``.
 """
 
 from __future__ import annotations
@@ -16,22 +17,31 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .augment import eval_transform
-from .data import (
-    Loader,
-    available_cpus,
+from .data.folder import (
     check_same_classes,
     collate_labelled,
     describe_unreadable,
     image_folder,
     with_transform,
 )
+from .data.loader import Loader, available_cpus
+from .data.views import eval_transform
+from .errors import UserError
 from .knn import extract_features, knn_accuracy
 from .momentum_bn import bn_alpha, momentum_bn_modules
 from .rundir import METRICS, trim_metrics
 
 if TYPE_CHECKING:
+    from .data.folder import Unreadable
     from .train import Trainer
+
+#: The readable images a step needs (BatchNorm normalises over the batch); a batch with
+#: fewer is not trained on, its step skipped (``BadImages`` says so).
+MIN_READABLE = 2
+
+
+class TrainingError(UserError):
+    """The run cannot go on (non-finite loss, too many bad images); the last checkpoint stays."""
 
 
 class HookBase:
@@ -42,8 +52,13 @@ class HookBase:
     def before_train(self) -> None:
         """Once per ``Trainer.run()``, before its first step."""
 
+    def before_step(self, readable: int, bad: list[Unreadable]) -> None:
+        """Before step ``trainer.step``, with its batch: ``readable`` images, and the ``bad``
+        ones that could not be read (left out of the batch)."""
+
     def after_step(self) -> None:
-        """After every training step (``trainer.step`` already counts it)."""
+        """After every training step (``trainer.step`` already counts it); not after a step
+        skipped for want of ``MIN_READABLE`` readable images."""
 
     def after_epoch(self, epoch: int, final: bool) -> None:
         """After epoch ``epoch`` (1-based) ends; ``final`` at the run's last step."""
@@ -99,6 +114,40 @@ class RunLog:
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class BadImages(HookBase):
+    """Unreadable images: counted (``trainer.bad_images`` of ``trainer.seen_images``) and
+    named in a warning. The run stops when more than ``data.max_bad_fraction`` of the images
+    seen (once there are 100) or all of an epoch's could not be read; a batch with fewer
+    than ``MIN_READABLE`` readable images is skipped, and stops a run of several processes.
+
+    Registered before the hooks that save, so that a run it stops saves nothing more.
+    """
+
+    def before_step(self, readable: int, bad: list[Unreadable]) -> None:
+        t = self.trainer
+        t.seen_images += readable + len(bad)
+        if bad:
+            t.bad_images += len(bad)
+            t.log.print(f"warning: skipped {len(bad)} unreadable image(s) at step {t.step} "
+                        f"({t.bad_images} so far): {describe_unreadable(bad)}")
+            if t.bad_images > t.cfg.data.max_bad_fraction * max(t.seen_images, 1) and \
+                    t.seen_images >= 100:
+                raise TrainingError(f"{t.data}: {t.bad_images} of {t.seen_images} images "
+                                    f"could not be read (more than data.max_bad_fraction="
+                                    f"{t.cfg.data.max_bad_fraction}); fix the dataset")
+        if readable < MIN_READABLE:
+            if t.dist.world_size > 1:
+                raise TrainingError(f"a batch at step {t.step} had fewer than 2 readable "
+                                    f"images")
+            t.log.print(f"warning: skipping step {t.step}: fewer than 2 readable images")
+
+    def after_epoch(self, epoch: int, final: bool) -> None:
+        t = self.trainer
+        if t.seen_images and t.bad_images == t.seen_images:
+            raise TrainingError(f"{t.data}: none of the {t.seen_images} images "
+                                f"of an epoch could be read; fix the dataset")
 
 
 class ProgressLog(HookBase):

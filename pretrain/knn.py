@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import describe_unreadable
+from .data.folder import describe_unreadable
 from .errors import UserError
 
 
@@ -18,8 +19,8 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
                      report: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised pooled features and labels of every image in ``loader`` (eval mode).
 
-    Batches come from ``pretrain.data.collate_labelled``: unreadable images are skipped and,
-    when ``report``, named in one warning line; a loader with no readable image is an error.
+    Batches come from ``pretrain.data.folder.collate_labelled``: unreadable images are skipped
+    and, when ``report``, named in one warning line; a loader with no readable image is an error.
     """
     was_training = backbone.training
     backbone.eval()
@@ -40,30 +41,79 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
     return torch.cat(feats), torch.cat(labels)
 
 
-def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor,
-                query_features: torch.Tensor, num_classes: int, k: int = 20,
-                temperature: float = 0.07) -> torch.Tensor:
+DEFAULT_CHUNK_BYTES = 1 << 30  # one similarity block: 1 GiB of float32 (train.knn_chunk_mb)
+QUERY_ROWS = 4096  # queries per similarity block, at most
+
+
+def nearest(bank: torch.Tensor | Iterable[torch.Tensor], queries: torch.Tensor, k: int,
+            chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities and bank indices of each query's ``k`` nearest bank rows.
+
+    ``bank`` is one (N, D) tensor or an iterable of (n_i, D) row blocks, read once (a generator
+    streaming them from disk or from other ranks will do). No similarity block (queries × bank
+    rows) and no float32 copy of bank rows holds more than ``chunk_bytes``; each block's top k is merged
+    into a running top k: the same neighbours as one full similarity matrix (up to the order of
+    exact ties), with memory bounded whatever N is (about three blocks at the peak, plus the
+    queries' running top k). Blocks are computed in float32 on the queries' device.
+    """
+    if k < 1:
+        raise ValueError(f"k must be ≥ 1, got {k}")
+    n_q = queries.shape[0]
+    q_rows = max(1, min(n_q, QUERY_ROWS))
+    b_rows = max(1, chunk_bytes // 4 // max(q_rows, queries.shape[1]))
+    best_sim = torch.full((n_q, 0), float("-inf"), device=queries.device)
+    best_idx = torch.empty((n_q, 0), dtype=torch.long, device=queries.device)
+    offset = 0
+    for block in ([bank] if isinstance(bank, torch.Tensor) else bank):
+        for b0 in range(0, block.shape[0], b_rows):
+            part = block[b0:b0 + b_rows].to(queries.device, torch.float32)
+            ids = torch.arange(offset + b0, offset + b0 + part.shape[0], device=queries.device)
+            sims, idxs = [], []
+            for q0 in range(0, n_q, q_rows):
+                sim = torch.cat([best_sim[q0:q0 + q_rows],
+                                 queries[q0:q0 + q_rows].float() @ part.T], dim=1)
+                idx = torch.cat([best_idx[q0:q0 + q_rows],
+                                 ids.expand(sim.shape[0], -1)], dim=1)
+                top, pos = sim.topk(min(k, sim.shape[1]), dim=1)
+                sims.append(top)
+                idxs.append(idx.gather(1, pos))
+            best_sim, best_idx = torch.cat(sims), torch.cat(idxs)
+        offset += block.shape[0]
+    if offset == 0:
+        raise ValueError("the kNN bank is empty")
+    return best_sim, best_idx
+
+
+def knn_predict(train_features: torch.Tensor | Iterable[torch.Tensor],
+                train_labels: torch.Tensor, query_features: torch.Tensor, num_classes: int,
+                k: int = 20, temperature: float = 0.07,
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """Class scores of each query: Σ over its k nearest of exp(cos / T), per neighbour's class.
 
     Features must be L2-normalised. Returns (num_queries, num_classes). With a temperature so
     small that exp(cos / T) would overflow, each query's scores are divided by exp(its best
-    cos / T): the vote is the same, and finite.
+    cos / T): the vote is the same, and finite. The bank may be one tensor or row blocks, of
+    any floating dtype (float16 halves a 1.28M-image bank); memory is bounded by
+    ``chunk_bytes`` (see ``nearest``).
     """
-    k = min(k, train_features.shape[0])
-    sim = query_features @ train_features.T
-    top_sim, top_idx = sim.topk(k, dim=1)
+    k = min(k, train_labels.shape[0])
+    top_sim, top_idx = nearest(train_features, query_features, k, chunk_bytes)
+    train_labels = train_labels.to(top_idx.device)
     logits = top_sim / temperature
     if logits.abs().max() > 80:  # exp(88) is the largest float32
         logits = logits - logits[:, :1]
     weights = logits.exp()
-    scores = torch.zeros(query_features.shape[0], num_classes)
+    scores = torch.zeros(query_features.shape[0], num_classes, device=weights.device)
     scores.scatter_add_(1, train_labels[top_idx], weights)
     return scores
 
 
-def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
-                 query_features: torch.Tensor, query_labels: torch.Tensor, num_classes: int,
-                 k: int = 20, temperature: float = 0.07) -> float:
+def knn_accuracy(train_features: torch.Tensor | Iterable[torch.Tensor],
+                 train_labels: torch.Tensor, query_features: torch.Tensor,
+                 query_labels: torch.Tensor, num_classes: int, k: int = 20,
+                 temperature: float = 0.07, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> float:
     """Top-1 accuracy in percent."""
-    scores = knn_predict(train_features, train_labels, query_features, num_classes, k, temperature)
-    return 100.0 * (scores.argmax(1) == query_labels).float().mean().item()
+    scores = knn_predict(train_features, train_labels, query_features, num_classes, k,
+                         temperature, chunk_bytes)
+    hits = scores.argmax(1).cpu() == query_labels.cpu()
+    return 100.0 * hits.float().mean().item()

@@ -8,29 +8,35 @@ how its BatchNorm gets statistics; each class overrides just that.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
-from fvcore.common.registry import Registry
 from torch import nn
 
-from ._private import BatchNorm, register_as
-from .config import Config
+from ._private import BatchNorm
 from .ema import update_ema
 from .loss import cosine_gap, regression_loss, symmetric_byol_loss
 from .model import Encoder, Student
 from .momentum_bn import commit_momentum_bn, convert_to_momentum_bn, discard_momentum_bn
 from .schedules import cosine_momentum
 
-METHODS = Registry("METHOD")
-METHODS.__doc__ = ("Self-supervised student–teacher methods, by name (m2t, byol, ...): the values "
-                   "model.method accepts (pretrain.config.choices reads them from here).")
+if TYPE_CHECKING:  # for the annotations only: config imports this module to list the methods
+    from .config import Config
+
+#: Self-supervised student–teacher methods, by name (m2t, byol, ...): the values
+#: ``model.method`` accepts. ``pretrain.config`` checks a config's method against it, the one
+#: place a name is checked; ``build_method`` looks the class up.
+METHODS: dict[str, type[StudentTeacher]] = {}
 
 
 def register(name: str):
     """Register a method class under ``name`` (the value of ``model.method``)."""
 
-    def deco(cls: type) -> type:
-        register_as(METHODS, name, cls)
+    def deco(cls: type[StudentTeacher]) -> type[StudentTeacher]:
+        if name in METHODS:
+            raise ValueError(f"a method named {name!r} is already registered "
+                             f"({METHODS[name].__qualname__})")
+        METHODS[name] = cls
         cls.method_name = name
         return cls
 
@@ -204,19 +210,19 @@ class ProjectorOnly(M2T):
 
 
 def method_names() -> list[str]:
-    return sorted(name for name, _ in METHODS)
+    return sorted(METHODS)
 
 
 def build_method(cfg: Config, total_steps: int) -> StudentTeacher:
+    """The method ``cfg.model.method`` names (a config that ``pretrain.config`` built names a
+    registered one)."""
     from .errors import UserError
 
     key = cfg.model.method
-    if key not in method_names():
-        raise UserError(f"unknown method {key!r}; choose one of {', '.join(method_names())}")
     if cfg.model.sync_bn and key != "byol":
         raise UserError("model.sync_bn is a BYOL-baseline option; Momentum² Teacher and the other "
                         "methods use per-process statistics by design")
-    return METHODS.get(key)(cfg, total_steps)
+    return METHODS[key](cfg, total_steps)
 
 
 __all__ = ["METHODS", "StudentTeacher", "BYOL", "M2T", "EMAN", "ProjectorOnly", "build_method",

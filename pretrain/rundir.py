@@ -1,4 +1,4 @@
-"""The run directory: never replace another run's results, write small files atomically.
+"""The run directory: never replace another run's results; the metrics trimmed on resume.
 
 A fresh run may start in a folder that does not exist yet, or in one that holds only what an
 earlier attempt of the *same* run left before its first checkpoint (the same ``config.yaml``).
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+
+from jobs.atomic import write_bytes
 
 from .errors import UserError
 
@@ -63,35 +63,6 @@ def check_fresh(out: Path, config_text: str) -> None:
                             f"(keep your own configs outside run directories)")
 
 
-def replace_file(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Replace ``path`` with what ``write`` puts in a file: a reader sees the old file or the
-    new, never half.
-
-    ``write`` fills ``.NAME.tmp-PID`` in the same folder, which is flushed to disk and renamed
-    over ``path``; on any failure the temporary is removed and the error raised.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` (:func:`replace_file`); a file that already holds
-    ``data`` is left as it is (its time stamp included)."""
-    try:
-        if path.is_file() and path.read_bytes() == data:
-            return
-    except OSError:
-        pass
-    replace_file(path, lambda f: f.write(data))
 
 
 def trim_metrics(path: Path, step: int) -> int:
@@ -112,7 +83,7 @@ def trim_metrics(path: Path, step: int) -> int:
         kept[-1:] = [kept[-1] + b"\n"] if _step(kept[-1]) is not None else []
     new = b"".join(kept)
     if new != data:
-        write_atomic(path, new)
+        write_bytes(path, new)
     return len(lines) - len(kept)
 
 

@@ -35,9 +35,9 @@ def private_uses(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("package", ["pretrain", "convert", "transfer"])
 def test_private_names_of_libraries_are_used_in_private_py_only(package: str) -> None:
-    own = {p.stem for p in (REPO / package).glob("*.py")}
+    own = {p.stem for p in (REPO / package).rglob("*.py")}
     offending = {}
-    for path in sorted((REPO / package).glob("*.py")):
+    for path in sorted((REPO / package).rglob("*.py")):
         if path.name == "_private.py":
             continue
         uses = [u for u in private_uses(path)

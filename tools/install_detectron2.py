@@ -1,7 +1,9 @@
 """Install Detectron2 into the running Python environment, unless one is already importable.
 
 Detectron2 is not on the package index under its own name. The wheel ``sal-detectron2==0.7.2``
-(built for Python 3.10) carries upstream Detectron2 main at commit 31bebdea (2024-08). Its
+(built for Python 3.10) carries upstream Detectron2 main at commit a59f0563 (2024-04-17), plus
+upstream's later one-line ``data/common.py`` fix (400a49c1), a test helper and the version label
+"0.7.2". Its
 pure-Python package runs everything our configs use on CPU and GPU; only its compiled ``_C``
 extension (deformable convolution, rotated boxes, the C++ COCOeval) is unusable outside
 Python 3.10, so it is left out. A user with their own Detectron2 (a source build with the CUDA

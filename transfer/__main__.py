@@ -12,14 +12,22 @@ Sub-commands::
     m2t-transfer configs
 
 Bad input ends with one line ``error: <path>: <what is wrong>`` and exit status 2.
+
+Start-up: this module imports no torch, Detectron2 or submitit. ``train``'s and ``eval``'s
+options are added to their parsers when that sub-command is used (``train``'s SLURM
+options come from :mod:`transfer.slurm`, which imports submitit and Detectron2), and each
+command imports what it needs when it runs: ``--help``, ``evaluate``, ``report`` and
+``configs`` do not load the training stack.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .quiet import quiet_libraries
 
 EPILOG = """\
 KEY VALUE pairs after the options override the config (Detectron2 keys), e.g.
@@ -79,17 +87,46 @@ def _add_evaluator_option(p: argparse.ArgumentParser) -> None:
                         "official (pycocotools / lvis, pure Python); the same numbers")
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A sub-command's parser whose options are added when it is first used (parsed, or its
+    help printed) rather than when ``m2t-transfer``'s parser is built: the modules that
+    define some of them are slow to import, and the other sub-commands do not need them."""
+
+    def __init__(self, *args: Any,
+                 add_options: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_options = add_options
+
+    def _complete(self) -> None:
+        if self._add_options is not None:
+            add, self._add_options = self._add_options, None
+            add(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m2t-transfer", description="Detectron2 fine-tuning and COCO/LVIS evaluation.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
     for name, train, text in (("train", True, "fine-tune a detector from converted weights, "
                                               "then evaluate"),
                               ("eval", False, "evaluate trained weights on the test set")):
-        p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_run_options(p, train)
+        sub.add_parser(name, help=text, description=text, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       add_options=lambda p, train=train: _add_run_options(p, train))
     p = sub.add_parser("evaluate", help="score a COCO-format results file from any source")
     p.add_argument("--dataset", required=True,
                    help="ground truth: builtin name (coco_2017_val, lvis_v1_val) or JSON path")
@@ -106,56 +143,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_launch(args: argparse.Namespace) -> None:
-    """The process-count options, before anything starts."""
-    from .errors import TransferError
+def _run_request(args: argparse.Namespace) -> int:
+    """``train`` and ``eval``: the command line read into one request, which is then run
+    here, submitted as a job (``--slurm``) or swept (``--seeds``/``--methods``)."""
+    from .request import request_from_args
 
-    if args.num_gpus < 1:
-        raise TransferError("--num-gpus", f"must be >= 1 (processes per machine), got "
-                                          f"{args.num_gpus}")
-    if args.num_machines < 1:
-        raise TransferError("--num-machines", f"must be >= 1, got {args.num_machines}")
-    if not 0 <= args.machine_rank < args.num_machines:
-        raise TransferError("--machine-rank", f"must be between 0 and --num-machines - 1 = "
-                                              f"{args.num_machines - 1}, got {args.machine_rank}")
+    opts = None
+    if args.command == "train":
+        from .slurm import check_job_options
+
+        opts = check_job_options(args)  # the job options first: they say where it runs
+    request = request_from_args(args)
+    if request.is_sweep:
+        from .sweep import run_sweep
+
+        return run_sweep(request, opts)
+    if opts is not None:
+        from .slurm import submit_training
+
+        return submit_training(request, opts)
+    from .report import run_table
+    from .train import run
+
+    results = run(request)
+    if results:
+        print(run_table(results))
+        print(f"wrote {results['output_dir']}/results.json and report.md")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "train":
-        from . import slurm, sweep
-
-        sweep.split_overrides(args)
-        opts = slurm.check_job_options(args)
-        if sweep.wants_sweep(args):
-            if opts is None:
-                _check_launch(args)
-            return sweep.run_sweep(args, opts)
-        if args.weights is None:
-            from .errors import TransferError
-
-            raise TransferError("--weights", "required (or --methods NAME=WEIGHTS ...)")
-        if opts is not None:
-            return slurm.submit_training(args, opts)
     if args.command in ("train", "eval"):
-        _check_launch(args)
-        from .report import run_table
-        from .train import run_evaluation, run_training
-
-        common = dict(output_dir=args.output_dir, overrides=args.opts,
-                      test_dataset=args.test_dataset, dataset_root=args.dataset_root,
-                      test_images=args.test_images, method=args.method,
-                      num_gpus=args.num_gpus, num_machines=args.num_machines,
-                      machine_rank=args.machine_rank, dist_url=args.dist_url,
-                      unsafe_load=args.unsafe_load, evaluator=args.evaluator)
-        if args.command == "train":
-            results = run_training(args.config, args.weights, train_dataset=args.train_dataset,
-                                   train_images=args.train_images, resume=args.resume, **common)
-        else:
-            results = run_evaluation(args.config, args.weights, **common)
-        if results:
-            print(run_table(results))
-            print(f"wrote {results['output_dir']}/results.json and report.md")
-        return 0
+        return _run_request(args)
     if args.command == "evaluate":
         from .evaluate import evaluate_predictions
         from .report import run_table
@@ -177,23 +196,6 @@ def _run(args: argparse.Namespace) -> int:
 
     print("\n".join(available_configs()))
     return 0
-
-
-#: Libraries whose own deprecation and internal notices are not the user's business (a
-#: torch.meshgrid argument inside Detectron2, numpy's copy keyword inside pycocotools, ...).
-QUIET_MODULES = r"(torch|torchvision|detectron2|fvcore|iopath|pycocotools|faster_coco_eval|lvis)"
-#: torch's own loggers that print on import or tracing ("No CUDA runtime is found" on a CPU).
-QUIET_LOGGERS = ("torch.utils.cpp_extension", "torch.fx._symbolic_trace")
-
-
-def quiet_libraries() -> None:
-    """Keep the libraries' warnings off the terminal; ours and Detectron2's log lines stay."""
-    import logging
-
-    warnings.filterwarnings("ignore", module=QUIET_MODULES + r"(\.|$)")
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,8 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
+from jobs.atomic import write_text
+
 from .datasets import (
     DatasetSpec,
     is_box,
@@ -291,7 +293,7 @@ class DetectionEvaluator(DatasetEvaluator):
         if self.output_dir:
             Path(self.output_dir).mkdir(parents=True, exist_ok=True)
             path = Path(self.output_dir) / f"{self.kind}_instances_results.json"
-            path.write_text(json.dumps(detections))
+            write_text(path, json.dumps(detections))
 
         scorer = Scorer(self.json_file, self.kind, self.evaluator, self.max_dets_per_image)
         results: dict[str, dict[str, float]] = OrderedDict()
@@ -306,7 +308,7 @@ class DetectionEvaluator(DatasetEvaluator):
                                       zip(self.class_names, score.category_ap(), strict=True)})
         self.details = details(scores)
         if self.output_dir:
-            (Path(self.output_dir) / DETAILS_FILE).write_text(json.dumps(self.details) + "\n")
+            write_text(Path(self.output_dir) / DETAILS_FILE, json.dumps(self.details) + "\n")
         return results
 
 

@@ -26,12 +26,12 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from operator import methodcaller
 from pathlib import Path
 from typing import Any
 
+from jobs.atomic import replace_file, write_json, write_text
+
 from .errors import TransferError
-from .files import replace_file
 from .scoring import CURVES, RECALL
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -148,7 +148,6 @@ def write_run_results(output_dir: str | Path, metrics: Mapping[str, Mapping[str,
         part = {t: v for t, v in (details or {}).get(key, {}).items() if t in results}
         if part:
             results[key] = part
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     title = " — ".join(str(info[k]) for k in ("method", "config") if info.get(k))
     lines = [f"# {title or 'Evaluation'}", ""]
     if info.get("test_dataset"):
@@ -163,7 +162,8 @@ def write_run_results(output_dir: str | Path, metrics: Mapping[str, Mapping[str,
                               for t in TASKS if t in results.get("per_category", {})])
     if tables:
         lines += ["## Per-category AP", ""] + tables
-    (out / "report.md").write_text("\n".join(lines))
+    write_text(out / "report.md", "\n".join(lines))
+    write_json(out / "results.json", results)  # last: a sweep takes it for "this run finished"
     return results
 
 
@@ -414,7 +414,7 @@ def plot_summary(summary: Mapping[tuple[str, str], Mapping[str, Any]], path: Pat
             ax.set_xlabel("recall", fontsize=8)
             ax.grid(alpha=0.3)
         panels[0].set_ylabel("precision", fontsize=8)
-    fig.savefig(path, dpi=110)
+    replace_file(path, lambda f: fig.savefig(f, dpi=110, format=Path(path).suffix[1:] or "png"))
     plt.close(fig)
 
 
@@ -435,6 +435,6 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[Path,
     md, png = out_dir / "report.md", out_dir / "report.png"
     for path, text in ((md, summary_markdown(summary)),
                        (md.with_suffix(".json"), json.dumps(summary_json(summary), indent=2))):
-        replace_file(path, methodcaller("write", text.encode()))  # never half a report
+        write_text(path, text)  # never half a report
     plot_summary(summary, png)
     return md, png

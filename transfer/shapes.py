@@ -16,12 +16,11 @@ import json
 import math
 import random
 import sys
-from operator import methodcaller
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .files import replace_file
+from jobs.atomic import write_text
 
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"},
               {"id": 3, "name": "triangle"}]
@@ -96,7 +95,7 @@ def make_shapes(out: str | Path, n_train: int = 300, n_val: int = 50, size: int 
         data = {"info": {"description": "momentum2 generated shapes"}, "images": images,
                 "annotations": annotations, "categories": CATEGORIES}
         json_path = out / "annotations" / f"instances_{split}.json"
-        replace_file(json_path, methodcaller("write", json.dumps(data).encode()))
+        write_text(json_path, json.dumps(data))
         paths[f"{split}_json"], paths[f"{split}_images"] = json_path, folder
     return paths
 

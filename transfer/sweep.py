@@ -10,6 +10,10 @@ one row per method with mean ± std over its seeds, and each seed's values.
 Running the same command again skips the cells that finished (their ``results.json`` is
 there) and resumes the others from their last checkpoint. A cell that fails is reported and
 the others still run; the exit status is then 1.
+
+The sweep is given the command's :class:`~transfer.request.RunRequest` (its ``seeds`` and
+``methods`` as given); each cell's run is that request with the cell's weights, method,
+folder and seed put in by :func:`dataclasses.replace`.
 """
 
 from __future__ import annotations
@@ -20,16 +24,13 @@ import re
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import config_label, load_config
 from .errors import TransferError
+from .request import RunRequest
 
-#: A config override key (``SOLVER.MAX_ITER``, ``SEED``): where ``--seeds``/``--methods``
-#: values end and the ``KEY VALUE`` overrides begin.
-OVERRIDE_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
 #: A method name: it names a folder.
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 MAX_SEED = 2**32 - 1
@@ -37,12 +38,18 @@ MAX_SEED = 2**32 - 1
 
 @dataclass(frozen=True)
 class Cell:
-    """One fine-tuning of the sweep."""
+    """One fine-tuning of the sweep: its seed, and the request that runs it."""
 
-    method: str
-    weights: str
     seed: int
-    output_dir: Path
+    request: RunRequest
+
+    @property
+    def method(self) -> str:
+        return str(self.request.method)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(str(self.request.output_dir))
 
     @property
     def label(self) -> str:
@@ -57,24 +64,6 @@ def add_sweep_options(parser: Any) -> None:
     g.add_argument("--methods", nargs="+", metavar="NAME=WEIGHTS", default=None,
                    help="several initialisations (converted .pkl files) instead of --weights, "
                         "each into OUTPUT_DIR/NAME/seed_N/; one report row per method")
-
-
-def wants_sweep(args: Any) -> bool:
-    return args.seeds is not None or args.methods is not None
-
-
-def split_overrides(args: Any) -> None:
-    """``--seeds 0 1 SOLVER.MAX_ITER 10``: argparse gives ``--seeds`` everything; the values
-    from the first config key on are the overrides, put back in front of ``args.opts``."""
-    for attr in ("methods", "seeds"):
-        values = getattr(args, attr)
-        if values is None:
-            continue
-        for i, value in enumerate(values):
-            if OVERRIDE_KEY.match(value):
-                args.opts = [*values[i:], *args.opts]
-                setattr(args, attr, values[:i])
-                break
 
 
 def check_seeds(values: Sequence[str]) -> list[int]:
@@ -115,46 +104,50 @@ def check_methods(values: Sequence[str]) -> list[tuple[str, str]]:
     return methods
 
 
-def plan(args: Any) -> tuple[Path, list[Cell]]:
+def plan(request: RunRequest) -> tuple[Path, list[Cell]]:
     """The sweep's folder and cells, every option checked first (TransferError, one line)."""
+    from .config import config_label, load_config
     from .train import _method_of
 
-    seeds = check_seeds(args.seeds) if args.seeds is not None else None
-    opts = list(args.opts)
+    seeds = check_seeds(request.seeds) if request.seeds is not None else None
+    opts = list(request.overrides)
     keys = opts[::2]
     if seeds is not None and "SEED" in keys:
         raise TransferError("SEED", "set by --seeds; leave it out of the overrides")
-    if args.methods is not None:
-        for flag, value in (("--weights", args.weights), ("--method", args.method)):
+    if request.methods is not None:
+        for flag, value in (("--weights", request.weights), ("--method", request.method)):
             if value is not None:
                 raise TransferError(flag, "not with --methods, which names each method and "
                                           "its weights (NAME=WEIGHTS)")
-        methods = check_methods(args.methods)
+        methods = check_methods(request.methods)
     else:
-        if args.weights is None:
+        if request.weights is None:
             raise TransferError("--weights", "required (or --methods NAME=WEIGHTS ...)")
-        weights = Path(args.weights).expanduser()
+        weights = Path(request.weights).expanduser()
         if not weights.is_file():
             raise TransferError(weights, "weights file not found")
-        methods = [(args.method or _method_of(weights), str(weights))]
+        methods = [(request.method or _method_of(weights), str(weights))]
     if seeds is None:  # --methods alone: the SEED override, or 0
         index = keys.index("SEED") if "SEED" in keys else None
         seeds = check_seeds([opts[2 * index + 1]] if index is not None else ["0"])
         if index is not None:
             del opts[2 * index:2 * index + 2]
-    args.opts = opts
-    load_config(args.config, [*opts, "SEED", str(seeds[0])])  # a bad config: one line, now
-    label = config_label(args.config)
-    if args.output_dir:
-        root = Path(args.output_dir)
+    load_config(request.config, [*opts, "SEED", str(seeds[0])])  # a bad config: one line, now
+    label = config_label(request.config)
+    if request.output_dir:
+        root = Path(request.output_dir)
     else:
         root = Path("output", "transfer", label)
-        if args.methods is None:
+        if request.methods is None:
             root = root / methods[0][0]
     if root.exists() and not root.is_dir():
         raise TransferError(root, "--output-dir is a file, not a folder")
-    cells = [Cell(name, weights, seed,
-                  root / name / f"seed_{seed}" if args.methods is not None else root / f"seed_{seed}")
+    # every cell resumes: running the sweep again continues its unfinished runs
+    base = replace(request, seeds=None, methods=None, resume=True)
+    cells = [Cell(seed, replace(
+                 base, weights=weights, method=name, overrides=(*opts, "SEED", str(seed)),
+                 output_dir=str(root / name / f"seed_{seed}" if request.methods is not None
+                                else root / f"seed_{seed}")))
              for name, weights in methods for seed in seeds]
     return root, cells
 
@@ -194,14 +187,6 @@ def own_logging() -> Iterator[None]:
                     handler.close()
 
 
-def _cell_kwargs(args: Any, cell: Cell) -> dict[str, Any]:
-    return dict(output_dir=str(cell.output_dir), overrides=[*args.opts, "SEED", str(cell.seed)],
-                train_dataset=args.train_dataset, test_dataset=args.test_dataset,
-                dataset_root=args.dataset_root, train_images=args.train_images,
-                test_images=args.test_images, method=cell.method, resume=True,
-                unsafe_load=args.unsafe_load, evaluator=args.evaluator)
-
-
 def _reason(err: BaseException) -> str:
     if isinstance(err, TransferError):
         return str(err)
@@ -209,9 +194,9 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def run_here(args: Any, cells: Sequence[Cell]) -> dict[Cell, str]:
+def run_here(cells: Sequence[Cell]) -> dict[Cell, str]:
     """Run the unfinished cells one after the other; ``{cell: why it failed}``."""
-    from .train import run_training
+    from .train import run
 
     failed: dict[Cell, str] = {}
     for i, cell in enumerate(cells, 1):
@@ -223,9 +208,7 @@ def run_here(args: Any, cells: Sequence[Cell]) -> dict[Cell, str]:
         print(f"{tag}: fine-tuning into {cell.output_dir}", flush=True)
         with own_logging():
             try:
-                run_training(args.config, cell.weights, num_gpus=args.num_gpus,
-                             num_machines=args.num_machines, machine_rank=args.machine_rank,
-                             dist_url=args.dist_url, **_cell_kwargs(args, cell))
+                run(cell.request)
             except Exception as err:  # noqa: BLE001 - reported; the other cells still run
                 failed[cell] = _reason(err)
                 if not isinstance(err, TransferError):
@@ -234,7 +217,7 @@ def run_here(args: Any, cells: Sequence[Cell]) -> dict[Cell, str]:
     return failed
 
 
-def run_on_slurm(args: Any, opts: Any, root: Path, cells: Sequence[Cell]) -> \
+def run_on_slurm(opts: Any, root: Path, cells: Sequence[Cell]) -> \
         tuple[dict[Cell, str], bool]:
     """Submit the unfinished cells as one job array; with ``--wait``, wait for them.
 
@@ -244,16 +227,16 @@ def run_on_slurm(args: Any, opts: Any, root: Path, cells: Sequence[Cell]) -> \
 
     failed: dict[Cell, str] = {}
     todo = []
-    device = job_device(args.opts, opts)
+    # the same MODEL.DEVICE override (if any) in every cell
+    device = job_device(cells[0].request.overrides, opts)
     for i, cell in enumerate(cells, 1):
         tag = f"[{i}/{len(cells)}] {cell.label}"
         if finished(cell):
             print(f"{tag}: finished before, skipped ({cell.output_dir / 'results.json'})")
             continue
         try:
-            todo.append((cell, prepare("train", args.config, cell.weights,
-                                       world_size=opts.world_size, device=device,
-                                       **_cell_kwargs(args, cell))))
+            todo.append((cell, prepare(cell.request.for_job(opts.nodes, opts.tasks_per_node,
+                                                            device))))
         except TransferError as err:
             failed[cell] = str(err)
             print(f"{tag}: not submitted: {err}", file=sys.stderr, flush=True)
@@ -280,15 +263,18 @@ def run_on_slurm(args: Any, opts: Any, root: Path, cells: Sequence[Cell]) -> \
     return failed, True
 
 
-def run_sweep(args: Any, opts: Any = None) -> int:
-    """The ``train --seeds/--methods`` command; returns the exit status."""
+def run_sweep(request: RunRequest, opts: Any = None) -> int:
+    """The ``train --seeds/--methods`` command; returns the exit status.
+
+    ``opts``: the ``--slurm`` job options (:func:`transfer.slurm.check_job_options`), or
+    None to run the cells here."""
     from .report import write_report
 
-    root, cells = plan(args)
+    root, cells = plan(request)
     if opts is not None:
-        failed, ended = run_on_slurm(args, opts, root, cells)
+        failed, ended = run_on_slurm(opts, root, cells)
     else:
-        failed, ended = run_here(args, cells), True
+        failed, ended = run_here(cells), True
     done = [cell for cell in cells if finished(cell)]
     if ended and done:
         md, png = write_report([cell.output_dir for cell in done], root)

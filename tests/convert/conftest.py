@@ -120,8 +120,9 @@ def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def our_checkpoint(teacher: dict[str, torch.Tensor], student: dict[str, torch.Tensor],
                    method: str = "m2t", arch: str = "resnet18",
-                   export_branch: str = "teacher") -> dict:
-    """What ``m2t-pretrain`` saves (format described in the conversion issue)."""
+                   export_branch: str = "auto") -> dict:
+    """What ``m2t-pretrain`` saves (format described in the conversion issue); an
+    ``export_branch`` of "auto" (the default) leaves the branch to the method."""
     teacher_state = prefixed("projector.", projector_state(11, momentum_bn=True))
     if method != "projector_only":
         teacher_state.update(prefixed("backbone.", with_momentum_bn(teacher)))

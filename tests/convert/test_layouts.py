@@ -1,5 +1,6 @@
 """SPEC §3 inputs: every known checkpoint layout is recognised, the branch is chosen by flag
-(teacher by default), and problems name the prefixes that were found."""
+(by default the one the layout's source transfers), and problems name the prefixes that were
+found. ``test_sources.py`` builds each source's checkpoint with its real key names."""
 
 from __future__ import annotations
 
@@ -24,27 +25,28 @@ def _p(prefix: str, state: State) -> State:
     return {prefix + k: v for k, v in state.items()}
 
 
-# name → (builder(teacher, student, synth) → checkpoint, kind substring, has two branches)
-LAYOUTS: dict[str, tuple[Callable[[State, State, Any], Any], str, bool]] = {
+# name → (builder(teacher, student, synth) → checkpoint, kind substring, default branch: None
+# for a file of one backbone)
+LAYOUTS: dict[str, tuple[Callable[[State, State, Any], Any], str, str | None]] = {
     "m2t-pretrain": (lambda t, s, synth: synth.our_checkpoint(t, s),
-                     "m2t-pretrain checkpoint (method m2t", True),
+                     "m2t-pretrain checkpoint (method m2t", "teacher"),
     "momentum2-teacher authors": (
         lambda t, s, synth: {"start_epoch": 3, "model": {
             **_p("module.student_encoder.", {**s, **_fc()}),
             **_p("module.teacher_encoder.", {**t, **_fc()})},
             "optimizer": {"state": {}, "param_groups": []}},
-        "Momentum² Teacher (authors' code)", True),
+        "Momentum² Teacher (authors' code)", "teacher"),
     "moco": (lambda t, s, synth: {"epoch": 200, "arch": "resnet18", "state_dict": {
         **_p("module.encoder_q.", s), **_p("module.encoder_k.", t),
         "module.encoder_q.fc.0.weight": torch.randn(2048, 512),
         "module.encoder_k.fc.0.weight": torch.randn(2048, 512),
         "module.queue": torch.randn(128, 65536 // 256)}},
-        "MoCo (encoder_q / encoder_k)", True),
+        "MoCo v1/v2 (encoder_q / encoder_k)", "student"),
     "byol / eman": (lambda t, s, synth: {"state_dict": {
         **_p("module.online_net.backbone.", s), **_p("module.target_net.backbone.", t),
         **_p("module.online_net.head.", synth.projector_state(1)),
         **_p("module.predictor.", synth.projector_state(2, in_dim=16))}},
-        "BYOL / EMAN (online_net / target_net)", True),
+        "EMAN BYOL (online_net / target_net)", "student"),
     "solo-learn lightning": (lambda t, s, synth: {
         "epoch": 9, "global_step": 100, "pytorch-lightning_version": "2.1.0",
         "state_dict": {**_p("backbone.", s), **_p("momentum_backbone.", t),
@@ -52,19 +54,19 @@ LAYOUTS: dict[str, tuple[Callable[[State, State, Any], Any], str, bool]] = {
                        **_p("momentum_projector.", synth.projector_state(4)),
                        "classifier.weight": torch.randn(10, 512)},
         "hyper_parameters": {"method": "byol"}},
-        "solo-learn / Lightning (backbone / momentum_backbone)", True),
+        "solo-learn / Lightning (backbone / momentum_backbone)", "student"),
     "model_ema": (lambda t, s, synth: {"model": {**s, **_fc()}, "model_ema": {**t, **_fc()},
                                        "epoch": 4},
-                  "EMA model (model / model_ema)", True),
-    "torchvision": (lambda t, s, synth: {**s, **_fc()}, "torchvision ResNet state dict", False),
+                  "EMA model (model / model_ema)", "student"),
+    "torchvision": (lambda t, s, synth: {**s, **_fc()}, "torchvision ResNet state dict", None),
     "torchvision under module.": (lambda t, s, synth: _p("module.", {**s, **_fc()}),
-                                  "torchvision ResNet state dict, 'module.' stripped", False),
+                                  "torchvision ResNet state dict, 'module.' stripped", None),
     "torchvision under state_dict": (lambda t, s, synth: {"state_dict": s, "epoch": 1},
-                                     "torchvision ResNet state dict, inside 'state_dict'", False),
+                                     "torchvision ResNet state dict, inside 'state_dict'", None),
     "lone backbone.": (lambda t, s, synth: {"state_dict": {**_p("backbone.", s),
                                                            **_p("projector.",
                                                                 synth.projector_state(5))}},
-                       "single backbone under 'backbone.'", False),
+                       "single backbone under 'backbone.'", None),
 }
 
 
@@ -76,7 +78,7 @@ def _same(state: State, expected: State) -> bool:
 def test_layout_is_recognised_and_branches_export_their_own_tensors(
         layout: str, r18_pair: tuple[State, State], synth: Any, tmp_path: Path) -> None:
     teacher, student = r18_pair
-    build, kind, two_branches = LAYOUTS[layout]
+    build, kind, default_branch = LAYOUTS[layout]
     source = tmp_path / "in.pth"
     torch.save(build(teacher, student, synth), source)
 
@@ -88,10 +90,11 @@ def test_layout_is_recognised_and_branches_export_their_own_tensors(
     out_default, out_teacher, out_student = (
         torch.load(tmp_path / f"{n}.pth", weights_only=True)
         for n in ("default", "teacher", "student"))
-    if two_branches:
+    if default_branch is not None:
         assert (default["branch"], as_teacher["branch"], as_student["branch"]) == (
-            "teacher", "teacher", "student")
-        assert _same(out_default, teacher) and _same(out_teacher, teacher)
+            default_branch, "teacher", "student")
+        assert _same(out_default, teacher if default_branch == "teacher" else student)
+        assert _same(out_teacher, teacher)
         assert _same(out_student, student)
         assert not torch.equal(out_teacher["conv1.weight"], out_student["conv1.weight"])
     else:
@@ -124,10 +127,13 @@ def test_projector_only_teacher_exports_the_student_backbone(r18_pair, synth, tm
     teacher, student = r18_pair
     source = tmp_path / "last.pth"
     torch.save(synth.our_checkpoint(teacher, student, method="projector_only"), source)
-    summary = convert_checkpoint(source, tmp_path / "out.pth")
+    default = convert_checkpoint(source, tmp_path / "default.pth")
+    assert default["branch"] == "student" and "only backbone" in default["branch_why"]
+    summary = convert_checkpoint(source, tmp_path / "out.pth", branch="teacher")
     assert summary["branch"] == "teacher"
     assert "projector_only" in summary["note"] and "student" in summary["note"]
-    assert _same(torch.load(tmp_path / "out.pth", weights_only=True), student)
+    for name in ("default", "out"):
+        assert _same(torch.load(tmp_path / f"{name}.pth", weights_only=True), student)
 
 
 def test_our_checkpoint_config_chooses_the_default_branch(r18_pair, synth, tmp_path) -> None:

@@ -151,8 +151,33 @@ def test_registering_a_method_class_makes_it_selectable() -> None:
         assert cfg.model.method == "toy_method"
         assert "toy_method" in choices("model.method")
     finally:
-        METHODS._obj_map.pop("toy_method", None)
+        METHODS.pop("toy_method", None)
     assert "must be one of" in error(["model.method=toy_method"])
+
+
+def test_a_method_name_is_registered_once() -> None:
+    from pretrain.methods import METHODS, StudentTeacher, register
+
+    with pytest.raises(ValueError, match="'m2t' is already registered"):
+        register("m2t")(type("Again", (StudentTeacher,), {}))
+    assert METHODS["m2t"].__name__ == "M2T"
+
+
+def test_config_and_methods_do_not_import_each_other_at_load() -> None:
+    """methods needs config for its annotations only; config imports methods when a method
+    name is checked, not when it is loaded: neither module's top level imports the other."""
+    import ast
+
+    import pretrain.config
+    import pretrain.methods
+
+    def top_level_imports(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        return {node.module for node in tree.body
+                if isinstance(node, ast.ImportFrom) and node.module}
+
+    assert "config" not in top_level_imports(pretrain.methods)
+    assert "methods" not in top_level_imports(pretrain.config)
 
 
 # ----- the one cosine --------------------------------------------------------------------

@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from pretrain.data import Unreadable
-from pretrain.decode import (
+from pretrain.data.decode import (
     EncodedImages,
     collate_encoded,
     decode_batch,
@@ -21,7 +20,8 @@ from pretrain.decode import (
     decode_images,
     read_header,
 )
-from pretrain.decode import _nvjpeg_ready as nvjpeg_ready
+from pretrain.data.decode import _nvjpeg_ready as nvjpeg_ready
+from pretrain.data.folder import Unreadable
 
 
 def picture(height: int = 30, width: int = 44) -> Image.Image:
@@ -113,7 +113,7 @@ def test_a_mixed_batch_decodes_what_it_can_and_lists_the_rest(files, batched_jpe
 
 
 def test_batched_jpegs_are_retried_one_by_one_only_when_the_batch_fails(files, monkeypatch):
-    import pretrain.decode as decode
+    import pretrain.data.decode as decode
 
     calls = []
     real = decode.decode_jpeg

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from pretrain.checkpoint import load_checkpoint
 from pretrain.config import load_config
-from pretrain.hooks import HookBase, KnnMonitor, PeriodicCheckpoint, ProgressLog
+from pretrain.data.folder import Unreadable
+from pretrain.distributed import Dist
+from pretrain.hooks import (
+    BadImages,
+    HookBase,
+    KnnMonitor,
+    PeriodicCheckpoint,
+    ProgressLog,
+    TrainingError,
+)
 from pretrain.train import Trainer
 
 from .conftest import TINY
@@ -25,6 +35,9 @@ class Recorder(HookBase):
 
     def before_train(self) -> None:
         self.events.append(("before_train", self.trainer.step))
+
+    def before_step(self, readable: int, bad: list) -> None:
+        self.events.append(("before_step", self.trainer.step, readable, len(bad)))
 
     def after_step(self) -> None:
         self.events.append(("after_step", self.trainer.step))
@@ -46,13 +59,16 @@ def test_hooks_see_every_step_and_epoch_in_order(tiny_train: Path, tmp_path: Pat
     recorder = Recorder()
     trainer.register_hooks([recorder])
     trainer.run()
+    def step(k: int) -> list[tuple]:  # the step counted once, between the two events
+        return [("before_step", k - 1, 16, 0), ("after_step", k)]
+
     expected = [("before_train", 0),
-                *[("after_step", k) for k in (1, 2, 3, 4)], ("after_epoch", 1, False),
-                *[("after_step", k) for k in (5, 6, 7, 8)], ("after_epoch", 2, True),
+                *[e for k in (1, 2, 3, 4) for e in step(k)], ("after_epoch", 1, False),
+                *[e for k in (5, 6, 7, 8) for e in step(k)], ("after_epoch", 2, True),
                 ("after_train", 8)]
     assert recorder.events == expected
-    assert [type(h).__name__ for h in trainer.hooks] == ["ProgressLog", "PeriodicCheckpoint",
-                                                         "Recorder"]
+    assert [type(h).__name__ for h in trainer.hooks] == ["BadImages", "ProgressLog",
+                                                         "PeriodicCheckpoint", "Recorder"]
 
 
 def test_without_the_checkpoint_hook_only_the_final_last_pth_is_written(
@@ -108,7 +124,8 @@ def test_after_train_runs_when_a_step_fails(tiny_train: Path, tmp_path: Path) ->
     trainer.register_hooks([FailAt2(), recorder])
     with pytest.raises(RuntimeError, match="step 2 failed"):
         trainer.run()
-    assert recorder.events == [("before_train", 0), ("after_step", 1), ("after_train", 2)]
+    assert recorder.events == [("before_train", 0), ("before_step", 0, 16, 0), ("after_step", 1),
+                               ("before_step", 1, 16, 0), ("after_train", 2)]
 
 
 def test_the_knn_monitor_is_a_hook_that_runs_at_the_epochs_asked_for(
@@ -121,3 +138,64 @@ def test_the_knn_monitor_is_a_hook_that_runs_at_the_epochs_asked_for(
     knn = [r for r in records(run) if "knn_top1_teacher" in r]
     assert [(r["step"], r["epoch"]) for r in knn] == [(8, 2)]  # not epoch 1: only the final
     assert all(0.0 <= r[f"knn_top1_{b}"] <= 100.0 for r in knn for b in ("teacher", "student"))
+
+
+# ----- the bad-image accounting, on its own ----------------------------------------------
+class _Lines:
+    def __init__(self) -> None:
+        self.printed: list[str] = []
+
+    def print(self, text: str) -> None:
+        self.printed.append(text)
+
+
+def bad_images_hook(world_size: int = 1, fraction: float = 0.25) -> BadImages:
+    """A ``BadImages`` on a stand-in for the Trainer: the attributes the hook reads."""
+    hook = BadImages()
+    hook.trainer = SimpleNamespace(  # type: ignore[assignment]
+        step=7, seen_images=0, bad_images=0, data="DATA", log=_Lines(),
+        dist=Dist(world_size=world_size),
+        cfg=load_config(None, [f"data.max_bad_fraction={fraction}"]))
+    return hook
+
+
+def unreadable(n: int) -> list[Unreadable]:
+    return [Unreadable(f"c/{i}.jpg", "cannot identify image file") for i in range(n)]
+
+
+def test_bad_images_are_counted_and_named_at_their_step() -> None:
+    hook = bad_images_hook()
+    hook.before_step(6, unreadable(2))
+    hook.before_step(8, [])
+    t = hook.trainer
+    assert (t.seen_images, t.bad_images) == (16, 2)
+    assert t.log.printed == ["warning: skipped 2 unreadable image(s) at step 7 (2 so far): "
+                             "c/0.jpg (cannot identify image file), "
+                             "c/1.jpg (cannot identify image file)"]
+
+
+def test_more_bad_images_than_the_fraction_stop_the_run_once_100_were_seen() -> None:
+    hook = bad_images_hook(fraction=0.25)
+    hook.before_step(60, unreadable(30))  # 33% of 90: too few seen to judge yet
+    with pytest.raises(TrainingError, match=r"DATA: 40 of 100 images could not be read "
+                                            r"\(more than data.max_bad_fraction=0.25\)"):
+        hook.before_step(0, unreadable(10))
+
+
+def test_a_batch_of_fewer_than_two_readable_images_is_skipped_with_a_warning() -> None:
+    hook = bad_images_hook()
+    hook.before_step(1, unreadable(1))
+    assert hook.trainer.log.printed[-1] == ("warning: skipping step 7: fewer than 2 readable "
+                                            "images")
+    with pytest.raises(TrainingError, match="a batch at step 7 had fewer than 2 readable"):
+        bad_images_hook(world_size=2).before_step(1, [])  # the ranks would disagree
+
+
+def test_an_epoch_of_only_unreadable_images_stops_the_run() -> None:
+    hook = bad_images_hook(fraction=1.0)
+    hook.before_step(0, unreadable(8))
+    with pytest.raises(TrainingError, match="none of the 8 images of an epoch could be read"):
+        hook.after_epoch(1, False)
+    fine = bad_images_hook()
+    fine.before_step(8, [])
+    fine.after_epoch(1, False)  # no error

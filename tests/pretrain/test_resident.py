@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.data import image_folder
-from pretrain.decode import decode_cpu, read_bytes
-from pretrain.resident import ResidentImages
-from pretrain.tensor_augment import TwoViewAugment, sample_seed
+from pretrain.data.decode import decode_cpu, read_bytes
+from pretrain.data.folder import image_folder
+from pretrain.data.resident import ResidentImages
+from pretrain.data.tensor_params import sample_seed
+from pretrain.data.tensor_views import TwoViewAugment
 
 
 def write_folder(root: Path, sizes: list[tuple[int, int]], bad: bool = True) -> Path:

@@ -2,8 +2,8 @@
 
 Oracles: torchvision's functional ops (``transforms.v2.functional``) for each operation with
 fixed parameters, torchvision's own parameter sampling for the draws, and the PIL pipeline
-(``pretrain.augment.TwoViews``) for whole views and their statistics. Every random check
-uses fixed seeds, so none can flake; statistical bounds are 5 standard deviations.
+(``pretrain.data.views.PilTwoViews``) for whole views and their statistics. Every random
+check uses fixed seeds, so none can flake; statistical bounds are 5 standard deviations.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from pretrain import tensor_augment as A
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, view_transform
 from pretrain.config import load_config
+from pretrain.data import tensor_ops as pixel
+from pretrain.data import tensor_params as draw
+from pretrain.data.tensor_views import TwoViewAugment
+from pretrain.data.views import IMAGENET_MEAN, IMAGENET_STD, PilTwoViews, view_transform
 from pretrain.errors import UserError
 
 UNIT = 1 / 255
@@ -66,10 +68,10 @@ def assert_within_one_level(mine: torch.Tensor, ref_u8: torch.Tensor,
 # Each operation with fixed parameters = torchvision's functional op
 
 FACTOR_OPS = {
-    "brightness": (A.adjust_brightness, TF.adjust_brightness, [0.6, 0.95, 1.2, 1.4]),
-    "contrast": (A.adjust_contrast, TF.adjust_contrast, [0.6, 0.95, 1.2, 1.4]),
-    "saturation": (A.adjust_saturation, TF.adjust_saturation, [0.8, 0.9, 1.1, 1.2]),
-    "hue": (A.adjust_hue, TF.adjust_hue, [-0.1, -0.5, 0.03, 0.5]),
+    "brightness": (pixel.adjust_brightness, TF.adjust_brightness, [0.6, 0.95, 1.2, 1.4]),
+    "contrast": (pixel.adjust_contrast, TF.adjust_contrast, [0.6, 0.95, 1.2, 1.4]),
+    "saturation": (pixel.adjust_saturation, TF.adjust_saturation, [0.8, 0.9, 1.1, 1.2]),
+    "hue": (pixel.adjust_hue, TF.adjust_hue, [-0.1, -0.5, 0.03, 0.5]),
 }
 
 
@@ -87,23 +89,24 @@ def test_blur_with_a_sigma_per_sample_equals_torchvisions(batch):
         sigma = torch.tensor(sigmas)
         ref = torch.stack([TF.gaussian_blur(img, [kernel, kernel], [s, s])
                            for img, s in zip(batch, sigmas, strict=True)])
-        full = A.gaussian_blur(values(batch), sigma, kernel)
-        trimmed = A.gaussian_blur(values(batch), sigma, kernel, max_sigma=max(sigmas))
+        full = pixel.gaussian_blur(values(batch), sigma, kernel)
+        trimmed = pixel.gaussian_blur(values(batch), sigma, kernel, max_sigma=max(sigmas))
         assert_within_one_level(full, ref)
         assert_within_one_level(trimmed, ref)
 
 
 def test_fixed_ops_equal_torchvisions(batch):
     x = values(batch)
-    assert torch.equal(A.horizontal_flip(x), values(TF.horizontal_flip(batch)))
-    assert torch.equal(A.grayscale(x), values(TF.rgb_to_grayscale(batch, num_output_channels=3)))
-    assert torch.equal(A.solarize(x), values(TF.solarize(batch, threshold=128)))
+    assert torch.equal(pixel.horizontal_flip(x), values(TF.horizontal_flip(batch)))
+    assert torch.equal(pixel.grayscale(x),
+                       values(TF.rgb_to_grayscale(batch, num_output_channels=3)))
+    assert torch.equal(pixel.solarize(x), values(TF.solarize(batch, threshold=128)))
     # normalisation: what ToDtype(scale) + Normalize and ToTensor + Normalize give
     square = batch[..., :48].contiguous()
-    (params,) = A.sample_views([(48, 48)] * 4, range(4), [A.ViewRecipe(48, 0.0, 0.0)])
+    (params,) = draw.sample_views([(48, 48)] * 4, range(4), [draw.ViewRecipe(48, 0.0, 0.0)])
     params.boxes[:] = torch.tensor([0, 0, 48, 48])  # the whole image, at its size
     params.flip[:] = params.jitter[:] = params.gray[:] = False
-    mine = A.augment(square, params, A.ViewRecipe(48, 0.0, 0.0))
+    mine = pixel.augment(square, params, draw.ViewRecipe(48, 0.0, 0.0))
     mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     ref = TF.normalize(TF.to_dtype(square, torch.float32, scale=True), mean, std)
     assert torch.equal(mine, ref)
@@ -122,11 +125,11 @@ def test_resized_crop_equals_torchvisions_bicubic_antialiased_op(size):
     ref = torch.stack([TF.resized_crop(img, *box, [size, size], InterpolationMode.BICUBIC,
                                        antialias=True) for img, box in zip(images, BOXES, strict=True)])
     # per image on the CPU: torchvision's own uint8 kernel
-    assert torch.equal(A.resized_crop(images, boxes, size, batched=False), values(ref))
+    assert torch.equal(pixel.resized_crop(images, boxes, size, batched=False), values(ref))
     # a same-size batch as matrix products (torch's fixed-point arithmetic), and the
     # two-pass form used for lists on a GPU (float arithmetic)
-    assert_within_one_level(A.resized_crop(images, boxes, size, batched=True), ref, exact=0.999)
-    two_pass = torch.stack([A.resize_two_pass(img[:, t:t + h, c:c + w], size)
+    assert_within_one_level(pixel.resized_crop(images, boxes, size, batched=True), ref, exact=0.999)
+    two_pass = torch.stack([pixel.resize_two_pass(img[:, t:t + h, c:c + w], size)
                             for img, (t, c, h, w) in zip(images, BOXES, strict=True)])
     diff = (two_pass - values(ref)).abs()  # float rounding: now and then 2 levels
     assert diff.max() <= 2 and (diff > 1).float().mean() < 1e-3
@@ -147,7 +150,7 @@ def test_crop_and_resize_agree_with_pil_bicubic():
         tv = torch.stack([TF.resized_crop(tensor, *b, [size, size], InterpolationMode.BICUBIC,
                                           antialias=True) for b in boxes]).to(torch.float32)
         for batched in (False, True):
-            mine = A.resized_crop([tensor] * 3, torch.tensor(boxes), size, batched=batched)
+            mine = pixel.resized_crop([tensor] * 3, torch.tensor(boxes), size, batched=batched)
             diff = (mine - ref).abs()
             assert (diff <= 1).float().mean() > 0.995 and diff.max() <= 12
             assert diff.max() <= (tv - ref).abs().max() + 1
@@ -157,29 +160,29 @@ def test_solarize_and_blur_agree_with_pil():
     pil_img = Image.fromarray(scene(40, 40).permute(1, 2, 0).numpy())
     x = values(TF.pil_to_tensor(pil_img))[None]
     ref = TF.pil_to_tensor(ImageOps.solarize(pil_img, 128))
-    assert torch.equal(A.solarize(x)[0], values(ref))
+    assert torch.equal(pixel.solarize(x)[0], values(ref))
     for sigma in (0.1, 1.0, 2.0):  # the PIL path's blur is torchvision's tensor blur, rounded
         ref = TF.pil_to_tensor(T.GaussianBlur(9, sigma=(sigma, sigma))(pil_img))
-        assert_within_one_level(A.gaussian_blur(x, torch.tensor([sigma]), 9, sigma)[0], ref)
+        assert_within_one_level(pixel.gaussian_blur(x, torch.tensor([sigma]), 9, sigma)[0], ref)
 
 
 def test_blur_kernel_follows_augment_py():
     for size in (32, 64, 96, 160, 224):
         blur = [t for t in view_transform(size, 1.0, 0.0).transforms
                 if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], T.GaussianBlur)]
-        assert blur[0].transforms[0].kernel_size == (A.blur_kernel_size(size),) * 2
+        assert blur[0].transforms[0].kernel_size == (draw.blur_kernel_size(size),) * 2
 
 
 def test_a_view_is_torchvisions_uint8_ops_in_the_sampled_order(batch):
     """Whole views with sampled parameters = torchvision's ops on uint8 applied one after
     another: crop, flip, jitter in each sample's order, grayscale, blur, solarize, then
     ``ToDtype(scale)`` + normalise. Per op within one level; chained, at most two."""
-    recipe = A.ViewRecipe(32, blur_p=0.5, solarize_p=0.5)
+    recipe = draw.ViewRecipe(32, blur_p=0.5, solarize_p=0.5)
     n = 24
     images = [scene(seed=k % 4) for k in range(n)]
-    (params,) = A.sample_views([(48, 64)] * n, range(100, 100 + n), [recipe])
+    (params,) = draw.sample_views([(48, 64)] * n, range(100, 100 + n), [recipe])
     assert params.jitter.any() and not params.jitter.all()
-    mine = A.augment(images, params, recipe)
+    mine = pixel.augment(images, params, recipe)
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     std = torch.tensor(IMAGENET_STD).reshape(3, 1, 1)
     exact = 0
@@ -219,37 +222,38 @@ def test_crop_box_is_get_params_with_the_same_seed(shape):
         torch.manual_seed(seed)
         ref = T.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.08, 1.0],
                                              [3 / 4, 4 / 3])
-        box = A.crop_box(A.Draws(torch.Generator().manual_seed(seed)), height, width, (0.08, 1.0),
-                         (3 / 4, 4 / 3))
+        box = draw.crop_box(draw.Draws(torch.Generator().manual_seed(seed)), height, width,
+                            (0.08, 1.0), (3 / 4, 4 / 3))
         assert box == tuple(ref), seed
 
 
-def assert_replays(two: TwoViews, recipes: tuple[A.ViewRecipe, ...], seeds: range) -> None:
+def assert_replays(two: PilTwoViews, recipes: tuple[draw.ViewRecipe, ...],
+                   seeds: range) -> None:
     """After both views of a 40×30 image, the global generator (PIL path) and the sample's
     generator (tensor path) are at the same state, for every seed."""
     img = Image.new("RGB", (40, 30))
     for seed in seeds:
         torch.manual_seed(seed)
         two(img)
-        draws = A.Draws(torch.Generator().manual_seed(seed))
+        draws = draw.Draws(torch.Generator().manual_seed(seed))
         for recipe in recipes:
-            A.sample_view(draws, 30, 40, recipe)
+            draw.sample_view(draws, 30, 40, recipe)
         assert torch.equal(draws.generator.get_state(), torch.get_rng_state()), seed
 
 
 def test_a_view_draws_what_view_transform_draws():
     """Replaying the PIL path's random calls: the tensor path draws what it draws."""
-    assert_replays(TwoViews(16), A.two_view_recipes(16), range(200))
+    assert_replays(PilTwoViews(16), draw.two_view_recipes(16), range(200))
 
 
 def test_blur_probabilities_are_settings_of_both_paths():
     """``data.view1_blur``/``view2_blur`` reach both paths: the PIL path's random calls replay
     in the tensor path under other probabilities too, and the draws follow them."""
     blur = (0.3, 0.0)
-    recipes = A.two_view_recipes(16, blur=blur)
-    assert_replays(TwoViews(16, blur=blur), recipes, range(100))
+    recipes = draw.two_view_recipes(16, blur=blur)
+    assert_replays(PilTwoViews(16, blur=blur), recipes, range(100))
     n = 10_000
-    view1, view2 = A.sample_views([(32, 32)] * n, range(n), recipes)
+    view1, view2 = draw.sample_views([(32, 32)] * n, range(n), recipes)
     assert binomial_ok(int(view1.blur.sum()), n, 0.3) and not view2.blur.any()
     cfg = load_config(None, ["data.view1_blur=0.3", "data.view2_blur=0"])
     assert (cfg.data.view1_blur, cfg.data.view2_blur) == blur
@@ -262,8 +266,8 @@ def test_crop_distribution_matches_get_params_over_20000_draws():
     get_params drawn from other seeds: two-sample Kolmogorov–Smirnov distance under the
     α = 1e-6 critical value."""
     n, height, width = 20_000, 180, 240
-    (params,) = A.sample_views([(height, width)] * n, range(n),
-                               [A.ViewRecipe(32, blur_p=0.0, solarize_p=0.0)])
+    (params,) = draw.sample_views([(height, width)] * n, range(n),
+                               [draw.ViewRecipe(32, blur_p=0.0, solarize_p=0.0)])
     torch.manual_seed(12345)
     ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, height, width),
                                                        [0.08, 1.0], [3 / 4, 4 / 3])
@@ -291,8 +295,8 @@ def binomial_ok(count: int, n: int, p: float) -> bool:
 
 def test_probabilities_and_jitter_factors_follow_the_spec():
     n = 20_000
-    view1, view2 = A.sample_views([(64, 64)] * n, [A.sample_seed(0, 0, i) for i in range(n)],
-                                  A.two_view_recipes(32))
+    view1, view2 = draw.sample_views([(64, 64)] * n, [draw.sample_seed(0, 0, i) for i in range(n)],
+                                  draw.two_view_recipes(32))
     for view in (view1, view2):
         assert binomial_ok(int(view.flip.sum()), n, 0.5)
         assert binomial_ok(int(view.jitter.sum()), n, 0.8)
@@ -335,8 +339,8 @@ def test_views_match_the_pil_pipeline_for_the_same_seeds(cifar10_mini):
     paths = cifar_images(cifar10_mini / "train", 200)
     pil = [Image.open(p).convert("RGB") for p in paths]
     std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
-    two, aug = TwoViews(32), A.TwoViewAugment(32)
-    seeds = [A.sample_seed(7, 3, i) for i in range(len(pil))]
+    two, aug = PilTwoViews(32), TwoViewAugment(32)
+    seeds = [draw.sample_seed(7, 3, i) for i in range(len(pil))]
     refs = []
     for img, seed in zip(pil, seeds, strict=True):
         torch.manual_seed(seed)
@@ -356,7 +360,7 @@ def test_channel_statistics_match_the_pil_pipeline_over_1000_images(cifar10_mini
     paths = cifar_images(cifar10_mini / "train", 1000)
     pil = [Image.open(p).convert("RGB") for p in paths]
     tensors = torch.stack([TF.pil_to_tensor(p) for p in pil])
-    two, aug = TwoViews(32), A.TwoViewAugment(32)
+    two, aug = PilTwoViews(32), TwoViewAugment(32)
     ref = {1: [], 2: []}
     for k, img in enumerate(pil):
         torch.manual_seed(k)
@@ -379,12 +383,12 @@ def test_channel_statistics_match_the_pil_pipeline_over_1000_images(cifar10_mini
 
 
 def test_same_seeds_give_bit_identical_views(batch):
-    aug = A.TwoViewAugment(32)
-    seeds = [A.sample_seed(3, 1, i) for i in range(4)]
+    aug = TwoViewAugment(32)
+    seeds = [draw.sample_seed(3, 1, i) for i in range(4)]
     first = aug(batch, seeds)
     again = aug(batch, seeds)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    other = aug(batch, [A.sample_seed(3, 2, i) for i in range(4)])
+    other = aug(batch, [draw.sample_seed(3, 2, i) for i in range(4)])
     assert not torch.equal(first[0], other[0])
     # a sample's views do not depend on its batch mates (up to float summation order)
     alone = aug(batch[2:3], seeds[2:3])
@@ -393,16 +397,16 @@ def test_same_seeds_give_bit_identical_views(batch):
 
 def test_seeds_from_a_generator_resume_from_its_saved_state():
     g = torch.Generator().manual_seed(5)
-    A.seeds_from(g, 10)
+    draw.seeds_from(g, 10)
     state = g.get_state()
-    nxt = A.seeds_from(g, 10)
+    nxt = draw.seeds_from(g, 10)
     g2 = torch.Generator()
     g2.set_state(state)
-    assert A.seeds_from(g2, 10) == nxt
+    assert draw.seeds_from(g2, 10) == nxt
 
 
 def test_views_of_a_list_of_sizes_and_a_batch_agree(batch):
-    aug = A.TwoViewAugment(24)
+    aug = TwoViewAugment(24)
     seeds = list(range(4))
     from_batch = aug(batch, seeds)
     from_list = aug(list(batch), seeds)
@@ -412,7 +416,7 @@ def test_views_of_a_list_of_sizes_and_a_batch_agree(batch):
 
 
 def test_no_images_give_empty_views_and_autocast_does_not_reach_the_ops(batch):
-    aug = A.TwoViewAugment(16)
+    aug = TwoViewAugment(16)
     v1, v2 = aug([], [])
     assert v1.shape == v2.shape == (0, 3, 16, 16)
     seeds = list(range(4))

@@ -12,17 +12,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pretrain.data import image_folder
-from pretrain.decode import EncodedImages, collate_encoded, decode_cpu, read_bytes
-from pretrain.resident import ResidentImages
-from pretrain.tensor_augment import TwoViewAugment, sample_seed
-from pretrain.tensor_pipeline import (
+from pretrain.data.decode import EncodedImages, collate_encoded, decode_cpu, read_bytes
+from pretrain.data.folder import image_folder
+from pretrain.data.resident import ResidentImages
+from pretrain.data.tensor_params import sample_seed
+from pretrain.data.tensor_pipeline import (
     AugmentInWorker,
     SampleInWorker,
     seeds_for,
     views_from_encoded,
     views_from_resident,
 )
+from pretrain.data.tensor_views import TwoViewAugment
 
 
 def folder(root: Path) -> Path:

@@ -69,3 +69,24 @@ def test_resume_is_exact_two_n_steps_equal_n_plus_resume_plus_n(tiny_train: Path
     losses_a = [r["loss"] for r in read_metrics(full) if "loss" in r]
     losses_b = [r["loss"] for r in read_metrics(split) if "loss" in r]
     assert losses_a == losses_b
+
+
+def test_a_resume_reads_the_checkpoint_once(tiny_train: Path, tmp_path: Path,
+                                            monkeypatch) -> None:
+    """last.pth gives the resumed run both its config and its state, from one read."""
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_train), "--out", str(run), *TINY, "train.steps=3",
+            "train.device=cpu"]
+    assert main([*args, "--stop-after", "2"]) == 0
+    reads: list[object] = []
+    load = torch.load
+
+    def counting_load(f, *a, **kw):
+        reads.append(getattr(f, "name", f))
+        return load(f, *a, **kw)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    assert main(["train", "--data", str(tiny_train), "--out", str(run), "--resume"]) == 0
+    assert len(reads) == 1 and str(reads[0]).endswith("last.pth"), reads
+    monkeypatch.undo()
+    assert load_checkpoint(run / "last.pth")["step"] == 3

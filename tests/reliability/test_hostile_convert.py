@@ -260,11 +260,12 @@ CASES: dict[str, Case] = {
         s, "layer1.0.bn1.weight", float("nan"), torch.float16)), "layer1.0.bn1.weight"),
     "float64 too large for float32": Case(_input("f64.pth", lambda s: with_one(
         s, "conv1.weight", 1e300, torch.float64)), "conv1.weight holds 0 NaN and 1 infinite"),
-    "NaN in the exported teacher": Case(_input("moco_nan.pth", lambda s: {
-        **{f"encoder_q.{k}": v for k, v in s.items()},
-        **{f"encoder_k.{k}": v
-           for k, v in with_one(s, "layer1.1.conv2.weight", float("nan")).items()}}),
-        "'encoder_k.' (teacher"),
+    # MoCo exports its query encoder (the student) by default, as its own converter does
+    "NaN in the exported branch": Case(_input("moco_nan.pth", lambda s: {
+        **{f"encoder_q.{k}": v
+           for k, v in with_one(s, "layer1.1.conv2.weight", float("nan")).items()},
+        **{f"encoder_k.{k}": v for k, v in s.items()}}),
+        "'encoder_q.' (student"),
     # pathological nesting and size
     "dicts nested 100000 deep": Case(_raw("deep.pth", lambda p: with_pickle(
         p, nested_dicts(100_000))), "levels deep"),

@@ -197,11 +197,12 @@ def test_the_skip_policy_skips_and_counts_steps_and_leaves_the_model_untouched(
     step = trainer.train_step
 
     def recording_step(v1, v2):
+        at = trainer.step  # the step this is (the loop counts it once it returns)
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()
                   if v.is_floating_point()}
         out = step(v1, v2)
         if out.get("skipped"):
-            snapshots[trainer.step - 1] = before
+            snapshots[at] = before
         return out
 
     trainer.train_step = recording_step

@@ -132,7 +132,7 @@ def test_a_signal_stops_the_trainer_after_the_step_it_came_in(tiny_train: Path,
     from pretrain.checkpoint import load_checkpoint
     from pretrain.config import load_config
     from pretrain.hooks import HookBase
-    from pretrain.slurm import StopRequest
+    from pretrain.slurm import StopRequest, attach
     from pretrain.train import Trainer
 
     class SignalDuringStep2(HookBase):
@@ -142,10 +142,10 @@ def test_a_signal_stops_the_trainer_after_the_step_it_came_in(tiny_train: Path,
 
     trainer = Trainer(load_config(None, [*TINY, "train.device=cpu"]), tiny_train,
                       tmp_path / "run")
-    stop = StopRequest(signal.SIGUSR2).install()
+    stop = StopRequest(signal.SIGUSR2, in_loop=True).install()
     try:
         trainer.register_hooks([SignalDuringStep2()])
-        stop.attach(trainer)
+        attach(stop, trainer)
         last = trainer.run()
     finally:
         signal.signal(signal.SIGUSR2, stop.previous)

@@ -234,6 +234,70 @@ def test_a_two_seed_sweep_writes_both_runs_and_their_report_and_a_rerun_skips_th
     assert logs == {s: (out / f"seed_{s}" / "log.txt").stat().st_mtime_ns for s in (0, 1)}
 
 
+def _fake_slurm(tmp_path: Path) -> str:
+    """A PATH whose ``sbatch`` accepts every job (as number 4242), with an ``srun`` beside it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", "echo 'Submitted batch job 4242'"), ("srun", "exit 0")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def test_a_slurm_job_whose_rank_fails_ends_its_other_ranks(
+        data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """srun ends every task once one exits with an error (``--kill-on-bad-exit=1``), as
+    torchrun does, instead of leaving the others waiting in a collective until its timeout."""
+    monkeypatch.setenv("PATH", _fake_slurm(tmp_path))
+    run = tmp_path / "run"
+    argv = _train(data, run, "--slurm", "--gpus-per-node", "0", "--tasks-per-node", "2", *TINY)
+    assert main(argv) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "submitted job 4242 to slurm: 1 node(s) × 2 CPU task(s)" in out
+    script = (run / "slurm" / "4242_submission.sh").read_text()
+    (srun,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert "--kill-on-bad-exit=1" in srun.split(), srun
+
+
+#: Fault injection into the tasks of a local job (they inherit the environment): the task of
+#: rank $FAIL_RANK cannot open a training image (it skips them, then has none left, and fails).
+FAIL_ONE_RANK = """\
+import os, sys
+if os.environ.get("SUBMITIT_LOCAL_GLOBALID") == os.environ.get("FAIL_RANK"):
+    def _refuse(event, args):
+        if event == "open" and "/train/" in str(args[0]) and str(args[0]).endswith(".jpg"):
+            raise OSError(5, f"injected: rank {os.environ['FAIL_RANK']} cannot read", args[0])
+    sys.addaudithook(_refuse)
+"""
+
+
+def test_a_local_job_whose_rank_fails_ends_its_other_ranks(
+        data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Rank 1 fails at its first batch while rank 0 waits for it in the gradients' all-reduce:
+    the job ends (both tasks) within seconds, and the command says it failed. (Here gloo
+    notices the closed connection; on SLURM, srun ends the others whatever they wait in.)"""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAIL_ONE_RANK)
+    monkeypatch.setenv("PYTHONPATH", str(inject))
+    monkeypatch.setenv("FAIL_RANK", "1")
+    run = tmp_path / "run"
+    start = time.monotonic()
+    rc = _run(_train(data, run, *LOCAL_JOB, "--tasks-per-node", "2", "--time", "10", "--wait",
+                     *TINY, "SEED", "0"))
+    took = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(r"^error: job \d+: failed: ", err, re.M), err
+    assert took < 300  # not the 30 minutes of a collective's timeout
+    results = sorted(p.name for p in (run / "slurm").glob("*_result.pkl"))
+    assert len(results) == 2, results  # both tasks ended
+    failed = next((run / "slurm").glob("*_1_log.err")).read_text()
+    assert "Submitted job triggered an exception" in failed, failed[-3000:]
+    assert not (run / "results.json").exists()
+
+
 def _no_sbatch(tmp_path: Path) -> dict[str, str]:
     empty = tmp_path / "bin"
     empty.mkdir()
@@ -242,7 +306,7 @@ def _no_sbatch(tmp_path: Path) -> dict[str, str]:
 
 BAD = {
     "nodes 0": (["--slurm", "--cluster", "local", "--nodes", "0"], "--nodes: must be >= 1, got 0"),
-    "negative time": (["--slurm", "--time", "-5"], "--time: must be >= 1 (minutes), got -5"),
+    "negative time": (["--slurm", "--time", "-5"], "--time: must be >= 1, got -5 (minutes)"),
     "tasks != GPUs": (["--slurm", "--gpus-per-node", "2", "--tasks-per-node", "3"],
                       "--tasks-per-node: 3 with --gpus-per-node 2: one task per GPU"),
     "job option without --slurm": (["--nodes", "2"], "--nodes: only with --slurm"),

@@ -3,7 +3,7 @@
 For the batched tensor path (SPEC §1.7) DataLoader workers only read files
 (:class:`EncodedImages`, :func:`collate_encoded`); the main process decodes a whole batch with
 :func:`decode_images` on the training device and augments it there
-(:mod:`pretrain.tensor_augment`).
+(:mod:`pretrain.data.tensor_views`).
 
 Which decoder reads what:
 
@@ -34,8 +34,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from .data import Unreadable
-from .errors import first_line
+from ..errors import first_line
+from .folder import Unreadable
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -268,7 +268,7 @@ class EncodedImages(torch.utils.data.Dataset):
 class EncodedBatch(NamedTuple):
     """A batch of encoded images: dataset indices (LongTensor), bytes, paths, the sizes their
     headers give (None where the header says nothing), the files that could not be read, and
-    whatever a ``collate_fn`` drew for them in the worker (``pretrain.tensor_pipeline``)."""
+    whatever a ``collate_fn`` drew for them in the worker (``pretrain.data.tensor_pipeline``)."""
 
     indices: torch.Tensor
     data: list[torch.Tensor]

@@ -5,11 +5,11 @@ as uint8) reading and decoding files at every step costs more than the step itse
 GPU. :class:`ResidentImages` decodes every image once, at the start, into one uint8 tensor
 (N, 3, H, W) on the device (in RAM on a CPU run); a step then only indexes it
 (:meth:`ResidentImages.batch`) and augments the batch where it lies
-(:class:`pretrain.tensor_augment.TwoViewAugment`). No file is read after the build.
+(:class:`pretrain.data.tensor_views.TwoViewAugment`). No file is read after the build.
 
 Images that cannot be read are left out at build time and listed (``unreadable``), as the
 PIL path skips and counts them; ``indices`` maps each resident image back to its index in the
-dataset, from which its augmentation seed is derived (``tensor_augment.sample_seed``).
+dataset, from which its augmentation seed is derived (``tensor_params.sample_seed``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import Unreadable, image_folder
 from .decode import decode_cpu, read_bytes
+from .folder import Unreadable, image_folder
 
 Progress = Callable[[int, int], None]
 
@@ -110,7 +110,8 @@ class ResidentImages:
     @classmethod
     def from_folder(cls, root: str | Path, device: torch.device | str = "cpu",
                     **kwargs: Any) -> ResidentImages:
-        """The images of an ImageFolder-layout folder (listed as ``pretrain.data`` lists them)."""
+        """The images of an ImageFolder-layout folder (listed as ``pretrain.data.folder`` lists
+        them)."""
         return cls(image_folder(root).samples, device, **kwargs)
 
     def __len__(self) -> int:

@@ -1,4 +1,5 @@
-"""The two asymmetric views of SPEC §1.1 (BYOL augmentations), as torchvision transforms."""
+"""The two asymmetric views of SPEC §1.1 (BYOL augmentations), as torchvision transforms on
+one PIL image at a time (the batched tensor path: :mod:`pretrain.data.tensor_views`)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def view_transform(image_size: int, blur_p: float, solarize_p: float,
     ])
 
 
-class TwoViews:
+class PilTwoViews:
     """View 1: blur p 1.0, solarize p 0; view 2: blur p 0.1, solarize p 0.2 (SPEC §1.1).
 
     ``blur`` changes the two blur probabilities (``data.view1_blur``, ``data.view2_blur``).

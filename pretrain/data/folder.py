@@ -1,15 +1,17 @@
-"""Pretraining data: any ImageFolder-style directory, two views per image, resumable order.
+"""Pretraining images from any ImageFolder-style directory, readable or not.
 
-Augmentation randomness is a pure function of (seed, epoch, index): each sample seeds the
-RNGs it uses, so the views of a sample do not depend on the worker count or on where a run
-was resumed. Undecodable images are skipped and counted by path, never fatal on their own.
+:class:`TwoViewDataset` yields the two views of each image (the PIL path, SPEC §1.1) with its
+augmentation randomness a pure function of (seed, epoch, index): each sample seeds the RNGs it
+uses, so the views of a sample do not depend on the worker count or on where a run was
+resumed. :func:`image_folder` lists labelled images for the kNN and linear evaluations.
+Undecodable images are skipped and counted by path (:class:`Unreadable`), never fatal on
+their own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import random
 import sys
@@ -20,9 +22,9 @@ from typing import Any, NamedTuple
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import Dataset, default_collate
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
 
 class Unreadable(NamedTuple):
@@ -45,22 +47,6 @@ def describe_unreadable(bad: list[Unreadable], most: int = 3) -> str:
     """``a.jpg (reason), b.png (reason) and 4 more``."""
     named = ", ".join(map(str, bad[:most]))
     return named + (f" and {len(bad) - most} more" if len(bad) > most else "")
-
-
-class Loader(DataLoader):
-    """``DataLoader`` that leaves the worker count to the config: the Trainer says once, in its
-    own words, when ``data.workers`` exceeds the CPUs (torch would warn at every epoch)."""
-
-    def check_worker_number_rationality(self) -> None:
-        pass
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, as torch's DataLoader counts them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class LabelledImages(torchvision.datasets.ImageFolder):
@@ -209,57 +195,3 @@ def collate_views(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[Un
     v1 = torch.stack([g[0] for g in good])
     v2 = torch.stack([g[1] for g in good])
     return v1, v2, bad
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can start part-way through an epoch (``start_index`` samples in)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.start_index = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start_index:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start_index
-
-
-def build_loader(dataset: Dataset, batch_size: int, workers: int, rank: int,
-                 world_size: int, epoch: int, start_batch: int, seed: int,
-                 pin_memory: bool = False, collate_fn: Callable = collate_views) -> DataLoader:
-    """Loader for one epoch, resuming after ``start_batch`` batches of it."""
-    sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                          shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    sampler.start_index = start_batch * batch_size
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                  collate_fn=collate_fn, drop_last=True, pin_memory=pin_memory,
-                  persistent_workers=False)
-
-
-def epoch_batches(num_images: int, batch_size: int, rank: int, world_size: int, epoch: int,
-                  start_batch: int, seed: int) -> list[list[int]]:
-    """The batches of positions :func:`build_loader`'s sampler gives this rank in ``epoch``,
-    after ``start_batch`` batches: the same order for a resident dataset as for files."""
-    sampler = ResumableDistributedSampler(range(num_images), num_replicas=world_size,
-                                          rank=rank, shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    sampler.start_index = start_batch * batch_size
-    order = list(sampler)
-    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-
-
-def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
-    per_rank = num_images // world_size  # DistributedSampler with drop_last
-    return per_rank // batch_size
-
-
-def total_steps_for(cfg_epochs: int, cfg_steps: int, per_epoch: int) -> tuple[int, int]:
-    """(total steps K, epochs) for a run: ``steps`` wins over ``epochs`` when set."""
-    if cfg_steps > 0:
-        return cfg_steps, math.ceil(cfg_steps / per_epoch)
-    return cfg_epochs * per_epoch, cfg_epochs

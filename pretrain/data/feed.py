@@ -3,16 +3,16 @@
 ``data.pipeline`` chooses how the two views are made:
 
 - ``pil``: PIL decoding and torchvision transforms in DataLoader workers
-  (:class:`pretrain.data.TwoViewDataset`);
-- ``tensor``: the batched uint8 path of :mod:`pretrain.tensor_pipeline`. On a GPU the workers
-  only read bytes (and draw each view's parameters from the file headers); decoding (nvjpeg)
-  and augmentation run on the device. On the CPU the workers do both;
+  (:class:`pretrain.data.folder.TwoViewDataset`);
+- ``tensor``: the batched uint8 path of :mod:`pretrain.data.tensor_pipeline`. On a GPU the
+  workers only read bytes (and draw each view's parameters from the file headers); decoding
+  (nvjpeg) and augmentation run on the device. On the CPU the workers do both;
 - ``auto``: ``tensor``, on CUDA and on the CPU (where it makes 2.2× the images/s of ``pil``
   per core at 224 px and 6.5× on CIFAR-size images: ``benchmarks/data_pipeline.py``).
 
 ``data.cache=device`` decodes the whole (small) dataset once into a uint8 tensor on the
-device (:class:`pretrain.resident.ResidentImages`) and augments batches of it there: a step
-then reads no files. It implies the tensor path.
+device (:class:`pretrain.data.resident.ResidentImages`) and augments batches of it there: a
+step then reads no files. It implies the tensor path.
 
 Every path draws a sample's views from (seed, epoch, dataset index) alone, and every path
 visits the samples in the order of the same resumable sampler, so a resumed run sees the
@@ -25,9 +25,10 @@ from collections.abc import Iterator
 
 import torch
 
-from .config import Config
-from .data import TwoViewDataset, Unreadable, build_loader, epoch_batches
-from .errors import UserError
+from ..config import Config
+from ..errors import UserError
+from .folder import TwoViewDataset, Unreadable
+from .loader import build_loader, epoch_batches
 
 #: ``data.cache=device`` is for CIFAR-size data: refuse a folder whose copy would not fit.
 MAX_RESIDENT_IMAGES = 2_000_000
@@ -49,7 +50,7 @@ class Feed:
         self.resident = None
         self.unreadable_at_start: list[Unreadable] = []
         if pipeline == "tensor":
-            from .tensor_augment import TwoViewAugment
+            from .tensor_views import TwoViewAugment
 
             self.augment = TwoViewAugment(cfg.data.image_size, cfg.data.min_scale,
                                           blur=(cfg.data.view1_blur, cfg.data.view2_blur))

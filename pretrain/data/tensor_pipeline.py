@@ -10,9 +10,9 @@ so that a resumed run sees the same views (only the usual sampler position is ne
 - **CPU, files**: workers do everything and hand over finished views, like the PIL path's
   ``collate_views`` (``collate_fn=AugmentInWorker(augment, seed, epoch)``).
 - **resident**: no workers; :func:`views_from_resident` indexes a
-  :class:`pretrain.resident.ResidentImages` and augments on its device.
+  :class:`pretrain.data.resident.ResidentImages` and augments on its device.
 
-Every function returns a :class:`TwoViews`: the views, the dataset indices of the samples
+Every function returns a :class:`ViewBatch`: the views, the dataset indices of the samples
 they show, and the images that could not be read (skipped and counted, as on the PIL path).
 """
 
@@ -23,13 +23,18 @@ from typing import NamedTuple
 
 import torch
 
-from .data import Unreadable
 from .decode import EncodedBatch, collate_encoded, decode_batch
+from .folder import Unreadable
 from .resident import ResidentImages
-from .tensor_augment import TwoViewAugment, ViewParams, image_sizes, sample_seed
+from .tensor_ops import image_sizes
+from .tensor_params import ViewParams, sample_seed
+from .tensor_views import TwoViewAugment
 
 
-class TwoViews(NamedTuple):
+class ViewBatch(NamedTuple):
+    """A batch's two views, the dataset indices of the samples they show, and the images of
+    the batch that could not be read."""
+
     view1: torch.Tensor
     view2: torch.Tensor
     indices: torch.Tensor
@@ -60,13 +65,13 @@ class SampleInWorker:
 
 
 def views_from_encoded(batch: EncodedBatch, augment: TwoViewAugment,
-                       device: torch.device | str, seed: int, epoch: int) -> TwoViews:
+                       device: torch.device | str, seed: int, epoch: int) -> ViewBatch:
     """Decode a batch of bytes on ``device`` (nvjpeg on a GPU) and make both views there,
     with the parameters the worker drew when they fit the decoded sizes."""
     decoded = decode_batch(batch, device)
     if not decoded.images:
         empty = torch.empty(0, 3, augment.recipes[0].size, augment.recipes[0].size)
-        return TwoViews(empty, empty.clone(), decoded.indices, decoded.bad)
+        return ViewBatch(empty, empty.clone(), decoded.indices, decoded.bad)
     sizes = image_sizes(decoded.images)
     params: tuple[ViewParams, ViewParams] | None = None
     if batch.params is not None and [batch.sizes[k] for k in decoded.kept] == sizes:
@@ -74,7 +79,7 @@ def views_from_encoded(batch: EncodedBatch, augment: TwoViewAugment,
     if params is None:
         params = augment.sample(sizes, seeds_for(decoded.indices, seed, epoch))
     view1, view2 = augment.apply(decoded.images, params)
-    return TwoViews(view1, view2, decoded.indices, decoded.bad)
+    return ViewBatch(view1, view2, decoded.indices, decoded.bad)
 
 
 class AugmentInWorker:
@@ -83,14 +88,14 @@ class AugmentInWorker:
     def __init__(self, augment: TwoViewAugment, seed: int, epoch: int) -> None:
         self.augment, self.seed, self.epoch = augment, seed, epoch
 
-    def __call__(self, batch: list) -> TwoViews:
+    def __call__(self, batch: list) -> ViewBatch:
         return views_from_encoded(collate_encoded(batch), self.augment, "cpu", self.seed,
                                   self.epoch)
 
 
 def views_from_resident(resident: ResidentImages, positions: torch.Tensor | Sequence[int],
-                        augment: TwoViewAugment, seed: int, epoch: int) -> TwoViews:
+                        augment: TwoViewAugment, seed: int, epoch: int) -> ViewBatch:
     """Both views of the resident images at ``positions``, on the resident device."""
     images, indices = resident.batch(positions)
     view1, view2 = augment(images, seeds_for(indices, seed, epoch))
-    return TwoViews(view1, view2, indices, [])
+    return ViewBatch(view1, view2, indices, [])

@@ -1,0 +1,85 @@
+"""A stop asked for by the preemption signal, agreed across ranks, and the requeue.
+
+SLURM (or submitit's local executor) sends SIGUSR2 ``signal_delay_s`` before a time limit or
+at a preemption. The handler only sets a flag (nothing else is safe in a signal handler) while
+the training loop runs; after each step the loop calls :meth:`StopRequest.check`, one
+all-reduce of the flag, so that every rank stops after the same step. The stage saves its
+checkpoint, then :meth:`StopRequest.requeue` hands over to submitit's handler (which calls the
+job's ``checkpoint()`` and requeues it). Outside the loop, with nothing unsaved, the handler
+requeues at once.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+
+def preemption_signal() -> int:
+    """SIGUSR2, or what ``SUBMITIT_PREEMPT_SIGNAL`` names."""
+    import submitit
+
+    return getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+
+
+class StopRequest:
+    """A stop asked for by a signal, on any rank.
+
+    ``in_loop``: while true, the handler notes the signal for :meth:`check`; while false, it
+    requeues at once. The handler it replaces (submitit's) is kept: :meth:`requeue` calls it.
+    """
+
+    def __init__(self, signum: int, in_loop: bool = False) -> None:
+        self.signum = signum
+        self.in_loop = in_loop
+        self.asked = False
+        self.agreed = False
+        self.previous: Any = None
+        self._world_size = 1
+        self._group: Any = None
+
+    def install(self) -> StopRequest:
+        self.previous = signal.signal(self.signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Put the handler it replaced back."""
+        signal.signal(self.signum, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.in_loop:
+            self.asked = True
+        else:
+            self.requeue()
+
+    def attach(self, world_size: int) -> None:
+        """Agree on the flag among ``world_size`` ranks, over a gloo group (on the CPU: no GPU
+        synchronisation per step)."""
+        import torch.distributed as dist
+
+        self._world_size = world_size
+        if world_size > 1 and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")
+
+    def check(self) -> bool:
+        """Whether any rank got the signal (a collective: every rank calls it, after the same
+        step); kept in ``agreed``."""
+        if self._world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(self.asked)], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            self.agreed = bool(flag.item())
+        else:
+            self.agreed = self.asked
+        return self.agreed
+
+    def requeue(self) -> None:
+        """submitit's handler: on rank 0 it calls ``checkpoint()``, requeues the job and exits;
+        the other ranks leave without a result (the requeued job runs them again). Not under
+        submitit (no handler to call) it returns."""
+        self.in_loop = False
+        if callable(self.previous):
+            self.previous(self.signum, None)
+            raise SystemExit(0)
