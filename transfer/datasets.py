@@ -1,9 +1,12 @@
-"""Datasets for transfer: COCO 2017 / LVIS by builtin name, or any COCO-format JSON by path.
+"""Datasets for transfer: COCO 2017 / LVIS / Pascal VOC by builtin name, or any COCO-format
+JSON by path.
 
 A dataset is named in ``DATASETS.TRAIN`` / ``DATASETS.TEST`` (or ``--train-dataset`` /
 ``--test-dataset``) either by one of Detectron2's builtin names (``coco_2017_train``,
-``lvis_v1_val``, ...) looked up under ``--dataset-root`` or ``$DETECTRON2_DATASETS``
-(layout ``coco/{train2017,val2017,annotations}``, ``lvis/lvis_v1_{train,val}.json``), or by
+``lvis_v1_val``, ``voc_2007_trainval``, ...) looked up under ``--dataset-root`` or
+``$DETECTRON2_DATASETS`` (layout ``coco/{train2017,val2017,annotations}``,
+``lvis/lvis_v1_{train,val}.json``, ``VOC2007/`` and ``VOC2012/`` as the VOC devkit unpacks
+them: ``JPEGImages/``, ``Annotations/``, ``ImageSets/Main/<split>.txt``), or by
 the path of an annotation JSON. A JSON whose categories carry LVIS's ``frequency`` field is
 read as LVIS (v0.5 or v1; images found by their ``coco_url`` split folder under the image
 root); any other is read as COCO format, with its categories taken from the file.
@@ -25,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json, load_lvis_json
+from detectron2.data.datasets import load_coco_json, load_lvis_json, register_pascal_voc
 from detectron2.data.datasets.lvis import get_lvis_instances_meta
+from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASSES
+from detectron2.data.datasets.pascal_voc import load_voc_instances
 
 from ._private import builtin_splits, coco_metadata
 from .errors import TransferError
@@ -35,14 +40,35 @@ from .errors import TransferError
 BUILTIN: dict[str, tuple[str, str]] = builtin_splits()
 
 
+def builtin_voc_splits() -> dict[str, tuple[str, str, int]]:
+    """Detectron2's builtin Pascal VOC datasets: name -> (folder under the dataset root,
+    split, year), e.g. ``voc_2007_test -> ("VOC2007", "test", 2007)``.
+
+    Read from the catalog entries Detectron2's ``register_all_pascal_voc`` made at import (the
+    metadata with ``evaluator_type == "pascal_voc"``), whose folders are already joined to
+    ``$DETECTRON2_DATASETS`` as it was then; ``--dataset-root`` may name another one.
+    """
+    out = {}
+    for name in MetadataCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if meta.get("evaluator_type") == "pascal_voc" and meta.get("dirname"):
+            out[name] = (Path(meta.dirname).name, meta.split, int(meta.year))
+    return dict(sorted(out.items()))
+
+
+#: builtin VOC name -> (folder under the dataset root, split, year).
+VOC: dict[str, tuple[str, str, int]] = builtin_voc_splits()
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """A checked dataset: what to register, under which name, with which metadata."""
 
     name: str
+    #: the annotation JSON; for VOC, the split's image list ``ImageSets/Main/<split>.txt``.
     json_file: str
     image_root: str
-    kind: str  # "coco" or "lvis"
+    kind: str  # "coco", "lvis" or "voc"
     thing_classes: list[str] = field(default_factory=list)
     #: COCO format: dataset category id -> contiguous id; empty for LVIS (ids are 1..N).
     id_map: dict[int, int] = field(default_factory=dict)
@@ -55,6 +81,11 @@ class DatasetSpec:
     has_rle_masks: bool = False
     #: images (``file_name`` as Detectron2 sees it) that could not be read: left out.
     skipped_images: tuple[str, ...] = ()
+    #: VOC only: the devkit folder (``.../VOC2007``), the split and the year (2007: scored
+    #: with the VOC07 11-point AP).
+    voc_dirname: str = ""
+    voc_split: str = ""
+    voc_year: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -113,9 +144,11 @@ def resolve_dataset(
         data = read_annotation_json(json_file)
         kind = "lvis" if spec.startswith("lvis") else "coco"
         name = spec
+    elif spec in VOC:
+        return resolve_voc(spec, root, check_images)
     else:
         raise TransferError(spec, "unknown dataset; give the path of a COCO-format JSON or one "
-                                  "of: " + ", ".join(sorted(BUILTIN)))
+                                  "of: " + ", ".join(sorted(BUILTIN) + list(VOC)))
     if image_root and not images.is_dir():
         raise TransferError(images, "image folder does not exist")
     _check_format(json_file, data, kind)
@@ -127,6 +160,90 @@ def resolve_dataset(
     if skipped:
         spec = dataclasses.replace(spec, skipped_images=tuple(str(p) for p in skipped))
     return spec
+
+
+def resolve_voc(name: str, root: str | None = None, check_images: bool = True) -> DatasetSpec:
+    """Check a builtin Pascal VOC split (``voc_2007_test``, ...) under the dataset root.
+
+    Everything Detectron2's ``load_voc_instances`` and ``PascalVOCDetectionEvaluator`` read
+    is checked here, so that a bad file fails before training rather than in the evaluation
+    at its end: the split's image list, one annotation XML and one JPEG per image, each object
+    of one of the 20 VOC classes with ``difficult``, ``truncated``, ``pose`` and an integer
+    ``bndbox``, image sizes as the XML says.
+    """
+    folder, split, year = VOC[name]
+    base = dataset_root(root)
+    dirname = base / folder
+    image_list = dirname / "ImageSets" / "Main" / f"{split}.txt"
+    if not image_list.is_file():
+        raise TransferError(image_list, f"image list of {name} not found; VOC datasets are "
+                                        f"looked up under --dataset-root or $DETECTRON2_DATASETS "
+                                        f"(now {base}) as the devkit unpacks them: "
+                                        f"{folder}/{{JPEGImages,Annotations,ImageSets/Main}}")
+    ids = image_list.read_text().split()
+    if not ids:
+        raise TransferError(image_list, "lists no images")
+    images: list[dict[str, Any]] = []
+    counts: dict[str, set[str]] = defaultdict(set)
+    for i, fileid in enumerate(ids):
+        xml = dirname / "Annotations" / f"{fileid}.xml"
+        width, height, objects = _read_voc_xml(xml)
+        for cls in objects:
+            counts[cls].add(fileid)
+        images.append({"id": i, "file_name": f"{fileid}.jpg", "width": width, "height": height})
+    jpegs = dirname / "JPEGImages"
+    skipped: list[Path] = []
+    if check_images:
+        data = {"images": images}
+        _check_images(image_list, data, jpegs, "coco")
+        skipped = unreadable_images(image_list, data, jpegs, "coco")
+    return DatasetSpec(
+        name=name, json_file=str(image_list.resolve()), image_root=str(jpegs.resolve()),
+        kind="voc", thing_classes=list(VOC_CLASSES),
+        class_image_count=[{"id": k + 1, "image_count": len(counts[c])}
+                           for k, c in enumerate(VOC_CLASSES)],
+        num_images=len(ids), skipped_images=tuple(str(p) for p in skipped),
+        voc_dirname=str(dirname.resolve()), voc_split=split, voc_year=year)
+
+
+def _read_voc_xml(path: Path) -> tuple[int, int, list[str]]:
+    """(width, height, object class names) of a VOC annotation file, checked as
+    Detectron2's VOC loader and evaluator read it."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        tree = ET.parse(path)
+    except FileNotFoundError:
+        raise TransferError(path, "annotation file not found (every image of the split needs "
+                                  "one in Annotations/)") from None
+    except (ET.ParseError, OSError) as err:
+        raise TransferError(path, f"not a readable VOC annotation XML ({err})") from None
+    try:
+        width = int(tree.findtext("./size/width"))
+        height = int(tree.findtext("./size/height"))
+    except (TypeError, ValueError):
+        raise TransferError(path, "needs integer size/width and size/height") from None
+    names = []
+    for k, obj in enumerate(tree.findall("object")):
+        cls = obj.findtext("name")
+        if cls not in VOC_CLASSES:
+            raise TransferError(path, f"object {k} is a {cls!r}, not one of the 20 VOC classes: "
+                                      f"{', '.join(VOC_CLASSES)}")
+        try:
+            int(obj.findtext("difficult"))
+            int(obj.findtext("truncated"))
+            box = [int(obj.findtext(f"bndbox/{c}")) for c in ("xmin", "ymin", "xmax", "ymax")]
+        except (TypeError, ValueError):
+            raise TransferError(path, f"object {k} needs integer difficult, truncated and "
+                                      f"bndbox xmin, ymin, xmax, ymax (the VOC evaluation reads "
+                                      f"them)") from None
+        if obj.findtext("pose") is None:
+            raise TransferError(path, f"object {k} has no pose (the VOC evaluation reads it)")
+        if not (1 <= box[0] <= box[2] <= width and 1 <= box[1] <= box[3] <= height):
+            raise TransferError(path, f"object {k} has bndbox {box}, not within the "
+                                      f"{width}×{height} image (1-based, inclusive)")
+        names.append(cls)
+    return width, height, names
 
 
 def read_annotation_json(path: Path) -> dict[str, Any]:
@@ -430,7 +547,15 @@ def register_dataset(spec: DatasetSpec) -> str:
     if spec.name in MetadataCatalog.list():
         MetadataCatalog.remove(spec.name)
     json_file, image_root = spec.json_file, spec.image_root
-    if spec.kind == "lvis":
+    if spec.kind == "voc":
+        register_pascal_voc(spec.name, spec.voc_dirname, spec.voc_split, spec.voc_year)
+        if spec.skipped_images:  # the same loader, less the unreadable images
+            DatasetCatalog.remove(spec.name)
+            DatasetCatalog.register(spec.name, lambda: _without(load_voc_instances(
+                spec.voc_dirname, spec.voc_split, VOC_CLASSES), spec.skipped_images))
+        MetadataCatalog.get(spec.name).set(evaluator_type="pascal_voc",
+                                           class_image_count=spec.class_image_count)
+    elif spec.kind == "lvis":
         # load_lvis_json joins "<root>" + "<split>" (string concatenation): keep the slash.
         lvis_root = image_root.rstrip(os.sep) + os.sep
         if spec.name in BUILTIN:
