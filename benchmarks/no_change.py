@@ -132,7 +132,7 @@ def compare(a: dict, b: dict, where: str = "") -> list[str]:
             diffs += compare(a[k], b[k], f"{where}.{k}")
         return diffs
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in compare(x, y, f"{where}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in compare(x, y, f"{where}[{i}]")]
     return [] if a == b else [f"{where}: {str(a)[:200]!r} != {str(b)[:200]!r}"]
 
 

@@ -13,6 +13,7 @@ ResNet cannot host it, so a ``.pkl`` is refused before anything is written.
 from __future__ import annotations
 
 import pickle
+import re
 import tempfile
 import time
 import warnings
@@ -176,6 +177,15 @@ def read_backbone(source: str, branch: str | None = None, arch: str | None = Non
     except ValueError as e:
         raise ConversionError(source, str(e)) from None
     tensors = selection.tensors
+    left = left_behind(contents, selection)
+    if left:
+        raise ConversionError(source, f"backbone {selection.backbone.describe()} holds "
+                                      f"{len(left)} tensor(s) that a torchvision ResNet has no "
+                                      f"place for ({', '.join(left[:3])}"
+                                      f"{', ...' if len(left) > 3 else ''}): it is another "
+                                      f"network (an SE block, an extra stage, a biased conv), "
+                                      f"and converting would silently leave them behind; "
+                                      f"nothing was written")
     try:
         detected = archs.detect(list(tensors))
     except ValueError as e:
@@ -204,6 +214,27 @@ def read_backbone(source: str, branch: str | None = None, arch: str | None = Non
                                       f"weights: {bad} (as float32); nothing was written: "
                                       f"convert a checkpoint from before the training diverged")
     return FoundBackbone(contents, selection, detected, state, variant)
+
+
+#: What follows a backbone's prefix in a key of that backbone: torchvision's stem and stages
+#: (``conv1.``, ``bn1.``, ``layerN.``), or the numbered children of one saved as an
+#: ``nn.Sequential`` (0-7). ``fc.`` (the classifier) and any other name are not backbone.
+_BACKBONE_PART = re.compile(r"(?:conv1|bn1|layer\d+|[0-7])\.")
+
+
+def left_behind(contents: layouts.Contents, selection: layouts.Selection) -> list[str]:
+    """Keys of the file under the chosen backbone's prefix that name a part of the backbone
+    (``layer1.0.se.fc1.weight``, ``layer5.0.conv1.weight``, ``conv1.bias``) but are not
+    among the tensors exported: the network is not the torchvision ResNet the output will
+    be read as. Heads (``fc.``) and what other prefixes hold (projectors) are not counted."""
+    backbone = selection.backbone
+    exported = set(backbone.sources.values())
+    prefix = backbone.found_as
+    return [key for key in contents.keys
+            if key.startswith(prefix) and key not in exported
+            and _BACKBONE_PART.match(key[len(prefix):])
+            and not any(other.found_as != prefix and other.found_as.startswith(prefix)
+                        and key.startswith(other.found_as) for other in contents.backbones)]
 
 
 def _shown(value: Any, limit: int = 40) -> str:

@@ -7,21 +7,13 @@ upgrade a check of this one file. Add to it only what has no public way.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-from fvcore.common.registry import Registry
 from torch import nn
 
 #: The base class of every BatchNorm layer (1d/2d/3d, lazy, SyncBatchNorm); torch has no
 #: public name for it, and listing the subclasses would miss the ones a later torch adds.
 BatchNorm = nn.modules.batchnorm._BatchNorm
-
-
-def register_as(registry: Registry, name: str, obj: Any) -> None:
-    """Register ``obj`` under ``name``: fvcore's public ``Registry.register`` names an object
-    by its ``__name__``, and methods are chosen by short names (``m2t``, ``byol``)."""
-    registry._do_register(name, obj)
 
 
 def lerp_all_(tensors: Sequence[torch.Tensor], ends: Sequence[torch.Tensor],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,22 +90,38 @@ def knn_predict(train_features: torch.Tensor | Iterable[torch.Tensor],
                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """Class scores of each query: Σ over its k nearest of exp(cos / T), per neighbour's class.
 
-    Features must be L2-normalised. Returns (num_queries, num_classes). With a temperature so
-    small that exp(cos / T) would overflow, each query's scores are divided by exp(its best
-    cos / T): the vote is the same, and finite. The bank may be one tensor or row blocks, of
-    any floating dtype (float16 halves a 1.28M-image bank); memory is bounded by
-    ``chunk_bytes`` (see ``nearest``).
+    Features must be L2-normalised. Returns (num_queries, num_classes). The bank may be one
+    tensor or row blocks, of any floating dtype (float16 halves a 1.28M-image bank); memory is
+    bounded by ``chunk_bytes`` (see ``nearest``).
     """
     k = min(k, train_labels.shape[0])
     top_sim, top_idx = nearest(train_features, query_features, k, chunk_bytes)
-    train_labels = train_labels.to(top_idx.device)
+    return vote(top_sim, train_labels.to(top_idx.device)[top_idx], num_classes, temperature)
+
+
+def vote(top_sim: torch.Tensor, top_labels: torch.Tensor, num_classes: int,
+         temperature: float) -> torch.Tensor:
+    """Each query's class scores from its neighbours' similarities and labels (both (Q, k)).
+
+    With a temperature so small that exp(cos / T) would overflow, each query's scores are
+    divided by exp(its best cos / T): the vote is the same, and finite.
+    """
     logits = top_sim / temperature
     if logits.abs().max() > 80:  # exp(88) is the largest float32
         logits = logits - logits[:, :1]
     weights = logits.exp()
-    scores = torch.zeros(query_features.shape[0], num_classes, device=weights.device)
-    scores.scatter_add_(1, train_labels[top_idx], weights)
-    return scores
+    scores = torch.zeros(top_sim.shape[0], num_classes, device=weights.device)
+    return scores.scatter_add_(1, top_labels, weights)
+
+
+def merge_nearest(parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest over several banks from each bank's own (similarities, labels) of its
+    nearest: how ranks that each hold a shard of the bank combine their answers."""
+    sims = torch.cat([p[0] for p in parts], dim=1)
+    labels = torch.cat([p[1] for p in parts], dim=1)
+    top, pos = sims.topk(min(k, sims.shape[1]), dim=1)
+    return top, labels.gather(1, pos)
 
 
 def knn_accuracy(train_features: torch.Tensor | Iterable[torch.Tensor],

@@ -12,6 +12,7 @@ run-time adjustments every config gets:
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -248,7 +249,9 @@ def load_config(
     cfg = add_transfer_config(get_cfg())
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        cfg.merge_from_file(str(path), allow_unsafe=unsafe_load)
+        merge_file(cfg, path, unsafe_load)
+    except TransferError:
+        raise
     except Exception as err:  # yacs raises KeyError/ValueError/AssertionError/YAMLError
         raise TransferError(path, f"not a valid Detectron2 config: {_one_line(err)}") from None
     if len(overrides) % 2:
@@ -266,6 +269,46 @@ def load_config(
                                   f"divide evenly over {world_size} processes")
     resolve_sync_bn(cfg, world_size)
     return cfg
+
+
+#: Top-level keys that Detectron2 builds newer than the installed one write into a run's
+#: ``config.yaml``, each with the values that mean what a build without the key does.
+#: ``FLOAT32_PRECISION`` (upstream ``main`` after ``a59f0563``): the precision of float32
+#: matrix multiplications (``torch.set_float32_matmul_precision``); "" leaves PyTorch's
+#: default, "highest".
+NEWER_KEYS: dict[str, tuple[str, ...]] = {"FLOAT32_PRECISION": ("", "highest")}
+
+
+def merge_file(cfg: CfgNode, path: Path, unsafe_load: bool = False) -> None:
+    """``cfg.merge_from_file(path)``, reading a config written by another Detectron2 build.
+
+    A key of :data:`NEWER_KEYS` that the installed Detectron2 lacks is dropped (with an info
+    line) when its value changes nothing here, and refused in one line otherwise; a config
+    written by this build loads in newer ones as it is (a missing key takes their default).
+    """
+    loaded = CfgNode.load_yaml_with_base(str(path), allow_unsafe=unsafe_load)
+    dropped = {k: loaded[k] for k in NEWER_KEYS if k in loaded and k not in cfg}
+    if not dropped:
+        cfg.merge_from_file(str(path), allow_unsafe=unsafe_load)
+        return
+    import detectron2
+
+    for key, value in dropped.items():
+        if str(value) not in NEWER_KEYS[key]:
+            raise TransferError(path, f"{key} {value!r} was written by a newer Detectron2; the "
+                                      f"installed {detectron2.__version__} has no such setting "
+                                      f"and would run at full float32 precision: remove the "
+                                      f"line, or set it to \"\" to run as this build does")
+        logger.info("%s: %s %r (a key of newer Detectron2 builds, meaning the default) ignored "
+                    "by Detectron2 %s", path, key, value, detectron2.__version__)
+        del loaded[key]
+    loaded.pop("_BASE_", None)  # already merged in by load_yaml_with_base
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(CfgNode(loaded).dump())
+    try:
+        cfg.merge_from_file(f.name, allow_unsafe=unsafe_load)
+    finally:
+        Path(f.name).unlink()
 
 
 def config_label(name_or_path: str) -> str:

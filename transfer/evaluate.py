@@ -192,6 +192,11 @@ def evaluate_predictions(
                                         "--output-dir")
     spec = dataset if isinstance(dataset, DatasetSpec) else resolve_dataset(
         dataset, root=dataset_root, check_images=False)
+    if spec.kind == "voc":
+        raise TransferError(spec.name, "a Pascal VOC dataset has no COCO-format ground truth to "
+                                       "score a results file against; VOC is scored by "
+                                       "Detectron2's PascalVOCDetectionEvaluator in "
+                                       "m2t-transfer train and eval")
     if isinstance(predictions, (str, Path)):
         source = str(predictions)
         detections = read_predictions(Path(predictions))

@@ -39,6 +39,8 @@ LVIS_METRICS = COCO_METRICS + ("APr", "APc", "APf")
 TASKS = ("bbox", "segm")
 #: The columns of the side-by-side table (each run's own report.md has all metrics).
 SUMMARY_COCO = ("AP", "AP50", "AP75")
+#: Pascal VOC (Detectron2's PascalVOCDetectionEvaluator), in the order the papers print them.
+VOC_METRICS = ("AP50", "AP", "AP75")
 SUMMARY_LVIS = ("AP", "APr", "APc", "APf")
 TASK_LABEL = {"bbox": "box", "segm": "mask"}
 FREQUENCY_LABEL = {"r": "rare", "c": "common", "f": "frequent"}
@@ -62,9 +64,15 @@ def clean_metrics(task_results: Mapping[str, Any]) -> dict[str, float | None]:
 
 
 def metric_names(results: Mapping[str, Any]) -> tuple[str, ...]:
-    """COCO's six metrics, or LVIS's nine when the results have APr/APc/APf."""
+    """COCO's six metrics, LVIS's nine when the results have APr/APc/APf, or Pascal VOC's
+    three (AP50, AP, AP75: no area ranges) when they have AP50 but no APs."""
     lvis = any("APr" in results.get(t, {}) for t in TASKS)
-    return LVIS_METRICS if lvis else COCO_METRICS
+    if lvis:
+        return LVIS_METRICS
+    present = [results[t] for t in TASKS if isinstance(results.get(t), Mapping)]
+    if present and all("AP50" in m and "APs" not in m for m in present):
+        return VOC_METRICS
+    return COCO_METRICS
 
 
 def _fmt(value: float | None) -> str:
@@ -232,7 +240,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     """Group runs by (config, test set), then by method; mean ± std of the headline metrics.
 
-    Headline metrics: AP, AP50, AP75 per task (COCO), AP, APr, APc, APf per task (LVIS).
+    Headline metrics: AP, AP50, AP75 per task (COCO), AP, APr, APc, APf per task (LVIS), AP50,
+    AP, AP75 (Pascal VOC).
 
     Returns ``{(config, test set): {"metrics": [(task, name), ...], "categories": [...],
     "rows": {method: {"n": runs, "seeds": [...], (task, name): (mean, std) or None,
@@ -248,9 +257,10 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[s
     summary: dict[tuple[str, str], dict[str, Any]] = {}
     for key, methods in groups.items():
         all_runs = [r for rs in methods.values() for r in rs]
-        lvis = "APr" in metric_names({t: {m: 0 for r in all_runs for m in r.get(t, {})}
-                                      for t in TASKS})
-        names = SUMMARY_LVIS if lvis else SUMMARY_COCO
+        kind = metric_names({t: {m: 0 for r in all_runs for m in r.get(t, {})}
+                             for t in TASKS if any(t in r for r in all_runs)})
+        names = (SUMMARY_LVIS if kind == LVIS_METRICS else VOC_METRICS if kind == VOC_METRICS
+                 else SUMMARY_COCO)
         metrics = [(t, n) for t in TASKS if any(t in r for r in all_runs) for n in names]
         rows: dict[str, dict[Any, Any]] = {}
         for method, method_runs in methods.items():

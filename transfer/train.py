@@ -30,6 +30,7 @@ from detectron2.utils import comm
 
 from .config import config_label, load_config, num_classes_key, resolve_config, set_key
 from .datasets import DatasetSpec, register_dataset, resolve_dataset
+from .detectron2_build import describe, run_build
 from .errors import TransferError, first_line
 from .evaluate import read_details
 from .report import write_run_results
@@ -165,8 +166,11 @@ def prepare(request: RunRequest) -> Job:
         "total_batch": cfg.SOLVER.IMS_PER_BATCH,
         "base_lr": cfg.SOLVER.BASE_LR,
         "world_size": request.world_size,
-        "evaluator": cfg.TRANSFER.EVALUATOR,
+        "evaluator": ("pascal_voc" if test_specs[0].kind == "voc"
+                      else cfg.TRANSFER.EVALUATOR),
         "output_dir": str(Path(cfg.OUTPUT_DIR).resolve()),
+        # which Detectron2 code ran (transfer/detectron2_build.py), also in the run's log
+        "detectron2": run_build(),
     }
     return Job(task=task, cfg=cfg, datasets=list(datasets.values()),
                config_file=str(config_file), info=info, resume=request.resume,
@@ -234,6 +238,8 @@ def run_job(job: Job, hooks: Sequence[HookBase] = ()) -> None:
     cfg = job.cfg
     default_setup(cfg, argparse.Namespace(config_file=job.config_file, task=job.task,
                                           weights=cfg.MODEL.WEIGHTS, resume=job.resume))
+    logging.getLogger("detectron2.transfer").info("running on %s",
+                                                  describe(job.info["detectron2"]))
     if job.task == "train":
         trainer = Trainer(cfg)
         # reads weights and resumed checkpoints without unpickling code (saving is unchanged)

@@ -20,7 +20,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
-from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation import DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from . import (
@@ -34,7 +34,8 @@ from .evaluate import DetectionEvaluator
 
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` evaluating COCO or LVIS per dataset with ``TRANSFER.EVALUATOR``
-    (``fast``: faster-coco-eval, ``official``: pycocotools / lvis; the same numbers).
+    (``fast``: faster-coco-eval, ``official``: pycocotools / lvis; the same numbers), and
+    Pascal VOC with Detectron2's ``PascalVOCDetectionEvaluator``.
 
     It also runs multi-process on CPUs (gloo): Detectron2 wraps the model in
     ``DistributedDataParallel(device_ids=[local rank])``, which PyTorch refuses for a CPU
@@ -91,6 +92,10 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str,
                         output_folder: str | None = None) -> DatasetEvaluator:
         folder = output_folder or evaluation_folder(cfg, dataset_name)
+        if MetadataCatalog.get(dataset_name).evaluator_type == "pascal_voc":
+            # AP50 by the VOC07 11-point metric (VOC2012: all-point), AP over IoU 0.50:0.95
+            # and AP75, difficult objects ignored: the number MoCo and its successors report.
+            return PascalVOCDetectionEvaluator(dataset_name)
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         # LVIS cuts each image's detections to the model's limit (300 in the LVIS configs),
         # as Detectron2's LVISEvaluator does; COCO counts 1/10/100 per image.

@@ -165,6 +165,9 @@ class LoadReport:
     other_missing: int
     unexpected: list[str]
     other_missing_keys: list[str] = field(default_factory=list)
+    #: Backbone tensors of the file the model has no place for (a deeper network's extra
+    #: blocks): fvcore only logs them as "not used", and training would go on without them.
+    unused_backbone: list[str] = field(default_factory=list)
 
     @property
     def resnet_loaded(self) -> int:
@@ -203,12 +206,41 @@ def load_weights(model: nn.Module, path: str, unsafe_load: bool = False) -> Load
         other_missing=len(missing - set(expected)),
         unexpected=list(incompatible.unexpected_keys) if incompatible else [],
         other_missing_keys=sorted(missing - set(expected)),
+        unused_backbone=unused_backbone_keys(
+            model, list(incompatible.unexpected_keys) if incompatible else []),
     )
 
 
+#: A ResNet part in a file's key, as the checkpoint names it (``res3.2.conv1.weight``,
+#: ``backbone.bottom_up.stem.conv1.weight``): the stage is group 1.
+_RESNET_PART = re.compile(r"(?:^|\.)(stem|res\d+)\.")
+
+
+def unused_backbone_keys(model: nn.Module, unexpected: list[str]) -> list[str]:
+    """The ``unexpected`` keys that are ResNet tensors the model should have taken.
+
+    A key of a stage the model builds (or of no stage a Detectron2 ResNet has) means the
+    file's network is another one: deeper, or with extra parts such as an SE block. A stage
+    the model does not build at all (an RPN-only C4 model has no res5) is Detectron2's own
+    convention for using part of a backbone, and is not counted.
+    """
+    built = {m.group(1) for k in resnet_keys(model) if (m := _RESNET_PART.search(k))}
+    unused = []
+    for key in unexpected:
+        match = _RESNET_PART.search(key)
+        if match is None:
+            continue
+        stage = match.group(1)
+        if stage in built or stage not in ("res2", "res3", "res4", "res5"):
+            unused.append(key)
+    return unused
+
+
 def require_backbone(report: LoadReport, cfg: CfgNode, config_name: str) -> None:
-    """Raise :class:`TransferError` unless every ResNet tensor was loaded."""
-    if not report.resnet_missing:
+    """Raise :class:`TransferError` unless every ResNet tensor was loaded, and every ResNet
+    tensor of the file was used (a ResNet-34 under a ResNet-18 config fills every tensor of
+    the model with the first blocks of each stage, and leaves the rest out)."""
+    if not report.resnet_missing and not report.unused_backbone:
         return
     kind = file_kind(report.path)
     if kind is not None:
@@ -216,6 +248,15 @@ def require_backbone(report: LoadReport, cfg: CfgNode, config_name: str) -> None
                                          f"m2t-convert {report.path} weights.pkl")
     arch = _converted_arch(report.path)
     found = f" (it holds a {arch})" if arch else ""
+    if not report.resnet_missing:
+        unused = report.unused_backbone
+        raise TransferError(
+            report.path,
+            f"weights do not fit the ResNet-{cfg.MODEL.RESNETS.DEPTH} backbone of {config_name}"
+            f"{found}: {len(unused)} backbone tensors of the file have no place in its "
+            f"{report.resnet_total} (first: {unused[0]}), so training would use only part of "
+            f"the pretrained network; convert a checkpoint of the matching architecture with "
+            f"m2t-convert or set MODEL.RESNETS.DEPTH")
     raise TransferError(
         report.path,
         f"weights do not fit the ResNet-{cfg.MODEL.RESNETS.DEPTH} backbone of {config_name}"

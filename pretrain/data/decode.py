@@ -36,6 +36,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..errors import first_line
 from .folder import Unreadable
+from .samples import as_paths
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -252,7 +253,7 @@ class EncodedImages(torch.utils.data.Dataset):
     ``Unreadable`` (a decode failure is found later, by :func:`decode_images`)."""
 
     def __init__(self, paths: Sequence[str | Path]) -> None:
-        self.paths = [str(p) for p in paths]
+        self.paths = as_paths(paths)  # one buffer, not a str per file (``.samples``)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -63,13 +63,14 @@ class Feed:
         return len(self.resident) if self.resident is not None else len(self.dataset)
 
     def _build_resident(self, main: bool):
-        from .resident import ResidentImages
+        from .resident import ResidentImages, check_fits
 
         samples = self.dataset.folder.samples
         if len(samples) > MAX_RESIDENT_IMAGES:
             raise UserError(f"{self.dataset.folder.root}: {len(samples)} images are too many "
                             f"for data.cache=device (at most {MAX_RESIDENT_IMAGES}); leave "
                             f"data.cache=none")
+        check_fits(samples.paths, self.device, self.dataset.folder.root)
         # the decoding DataLoader draws its base seed from torch's generator: keep that
         # generator where it was, so the model initialises as with any other pipeline
         with torch.random.fork_rng(devices=[]):
@@ -100,7 +101,7 @@ class Feed:
         from .decode import EncodedImages
         from .tensor_pipeline import AugmentInWorker, SampleInWorker, views_from_encoded
 
-        files = EncodedImages([path for path, _ in self.dataset.folder.samples])
+        files = EncodedImages(self.dataset.folder.samples.paths)
         if self.device.type == "cpu":
             for views in build_loader(files, collate_fn=AugmentInWorker(self.augment, seed,
                                                                         epoch), **common):

@@ -25,6 +25,7 @@ import torchvision
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import UserError, first_line
+from .samples import Samples
 
 
 class Unreadable(NamedTuple):
@@ -52,6 +53,10 @@ def describe_unreadable(bad: list[Unreadable], most: int = 3) -> str:
 class LabelledImages(torchvision.datasets.ImageFolder):
     """``ImageFolder`` whose unreadable images come back as :class:`Unreadable`.
 
+    ``samples`` (and its alias ``imgs``) is a :class:`~.samples.Samples` buffer, ``targets``
+    its label array: the file list torchvision scans, held without a Python object per
+    image, so DataLoader workers do not copy it page by page (``pretrain.data.samples``).
+
     Folders reached twice through symbolic links (a link to the class folder inside itself
     loops until the path is too long, listing every image again at each level) are listed
     once: ``repeated`` counts the images dropped, ``repeated_at`` names a folder they were in.
@@ -59,9 +64,9 @@ class LabelledImages(torchvision.datasets.ImageFolder):
 
     def __init__(self, root: str, transform: Callable | None = None) -> None:
         super().__init__(root, transform=transform)
-        self.samples, self.repeated, self.repeated_at = drop_repeated_folders(self.samples)
-        self.imgs = self.samples
-        self.targets = [target for _, target in self.samples]
+        kept, self.repeated, self.repeated_at = drop_repeated_folders(self.samples)
+        self.samples = self.imgs = Samples(kept)
+        self.targets = self.samples.targets
 
     def __getitem__(self, index: int) -> tuple[Any, int] | Unreadable:
         try:

@@ -14,6 +14,7 @@ dataset, from which its augmentation seed is derived (``tensor_params.sample_see
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import UserError
 from .decode import decode_cpu, read_bytes
-from .folder import Unreadable, image_folder
+from .folder import Unreadable, image_folder, quiet_decoding
+from .samples import Samples
 
 Progress = Callable[[int, int], None]
 
@@ -66,6 +70,79 @@ def _as_list(batch: list[Any]) -> list[Any]:
     return batch
 
 
+def estimate_bytes(paths: Sequence[str], most: int = 64) -> tuple[int, tuple[int, int]] | None:
+    """What the decoded copy of ``paths`` would take, from the headers of at most ``most``
+    files spread over the list (PIL reads only the header: nothing is decoded): the bytes
+    (3 × H × W per image, on average) and a typical (H, W). None when no header is read."""
+    n = len(paths)
+    picks = sorted({round(k * (n - 1) / max(most - 1, 1)) for k in range(min(n, most))})
+    sizes = []
+    for k in picks:
+        try:
+            with quiet_decoding(), Image.open(paths[k]) as image:
+                sizes.append(image.size)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    if not sizes:
+        return None
+    per_image = sum(3 * w * h for w, h in sizes) / len(sizes)
+    median_w, median_h = sorted(sizes)[len(sizes) // 2]
+    return round(per_image * n), (median_h, median_w)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: the GPU's (``torch.cuda.mem_get_info``), else the host's
+    available RAM (``MemAvailable`` of ``/proc/meminfo``, else the free pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return host_available_bytes()
+
+
+def host_available_bytes() -> int:
+    """The host's available RAM in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gib(nbytes: float) -> str:
+    """``671.2 GiB``; below a GiB in MiB."""
+    if nbytes < 2**30:
+        return f"{nbytes / 2**20:,.1f} MiB"
+    return f"{nbytes / 2**30:,.1f} GiB"
+
+
+def check_fits(paths: Sequence[str], device: torch.device, root: str | Path) -> None:
+    """Refuse, before anything is decoded, a resident copy that would not fit: on the device
+    (the copy) or in host RAM while it is built (the decoded images and their stacked copy,
+    twice the images' size). One ``UserError`` line with the sizes."""
+    estimate = estimate_bytes(paths)
+    if estimate is None:
+        return  # nothing readable sampled: the build lists the unreadable files
+    need, (h, w) = estimate
+    what = f"{len(paths):,} images of about {w}×{h} px"
+    if device.type == "cuda" and need > (have := available_bytes(device)):
+        raise UserError(f"{root}: data.cache=device needs {_gib(need)} for this folder "
+                        f"({what}); the device has {_gib(have)} free; leave data.cache=none")
+    if 2 * need > (have := host_available_bytes()):
+        raise UserError(f"{root}: data.cache=device needs {_gib(2 * need)} of RAM to build "
+                        f"the copy of this folder ({what}: {_gib(need)}, held twice while it "
+                        f"is stacked); this machine has {_gib(have)} available; leave "
+                        f"data.cache=none")
+
+
+def as_samples(paths: Sequence[str | Path] | Sequence[tuple[str, int]]) -> Samples:
+    """``(path, label)`` pairs as :class:`Samples`; bare paths get the label -1."""
+    if isinstance(paths, Samples):
+        return paths
+    return Samples(p if isinstance(p, tuple) else (str(p), -1) for p in paths)
+
+
 class ResidentImages:
     """Every readable image of a dataset, decoded once, as uint8 on ``device``.
 
@@ -80,8 +157,8 @@ class ResidentImages:
     def __init__(self, paths: Sequence[str | Path] | Sequence[tuple[str, int]],
                  device: torch.device | str = "cpu", workers: int = 0,
                  progress: Progress | bool = True, chunk: int = 1024) -> None:
-        pairs = [p if isinstance(p, tuple) else (str(p), -1) for p in paths]
-        files = [str(path) for path, _ in pairs]
+        samples = as_samples(paths)
+        files = samples.paths
         report = print_progress() if progress is True else progress or None
         self.device = torch.device(device)
         self.unreadable: list[Unreadable] = []
@@ -101,7 +178,7 @@ class ResidentImages:
             if report:
                 report(done, len(files))
         self.indices = torch.tensor(kept, dtype=torch.long)
-        self.targets = torch.tensor([pairs[k][1] for k in kept], dtype=torch.long)
+        self.targets = torch.from_numpy(samples.targets[kept]).long()
         if decoded and len({tuple(d.shape) for d in decoded}) == 1:
             self.images: torch.Tensor | list[torch.Tensor] = torch.stack(decoded).to(self.device)
         else:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.knn import knn_accuracy, knn_predict, nearest
+from pretrain.knn import knn_accuracy, knn_predict, merge_nearest, nearest, vote
 
 
 def reference_scores(bank, labels, queries, num_classes, k, temperature):
@@ -81,3 +81,16 @@ def test_k_larger_than_the_bank_and_an_empty_bank() -> None:
     torch.testing.assert_close(knn_predict(bank, labels, queries, 2, k=50), want)
     with pytest.raises(ValueError, match="empty"):
         nearest(iter([]), queries, 3)
+
+
+def test_shards_of_the_bank_merged_give_the_votes_of_the_whole_bank() -> None:
+    # what ranks do: each searches its own shard (strided, as a distributed sampler splits),
+    # and the (similarity, label) lists of every shard are merged
+    bank, labels, queries, _ = clustered(1999, 300, 24, 7, seed=3)
+    want = reference_scores(bank, labels, queries, 7, 20, 0.07)
+    parts = []
+    for rank in range(3):
+        sims, idx = nearest(bank[rank::3], queries, 20, chunk_bytes=4 * 300 * 50)
+        parts.append((sims, labels[rank::3][idx]))
+    got = vote(*merge_nearest(parts, 20), 7, 0.07)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

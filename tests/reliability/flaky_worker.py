@@ -33,8 +33,8 @@ def arm() -> None:
 
     def train_step(self: train.Trainer, v1, v2):  # type: ignore[no-untyped-def]
         out = original(self, v1, v2)
-        if self.step == die_after:
-            marker.write_text(f"rank 1 died after step {self.step}\n")
+        if self.step + 1 == die_after:  # the loop counts the step once train_step returns
+            marker.write_text(f"rank 1 died after step {die_after}\n")
             os._exit(1)
         return out
 

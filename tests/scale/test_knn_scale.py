@@ -43,7 +43,7 @@ def test_many_queries_against_a_large_bank_are_bounded_by_the_chunk() -> None:
     # 50,000 queries (ImageNet's validation set) × 1.28M bank rows would be a 239 GiB matrix in
     # one go; ImageNet's 50,000 queries against a smaller bank, at a small feature size, show
     # the query side bounded too (a one-go matrix would be 7.5 GiB).
-    r = measure(f"""
+    r = measure("""
         import torch.nn.functional as F
         from pretrain.knn import knn_predict
         N, Q, D = 40_000, 50_000, 4
