@@ -134,6 +134,11 @@ class TrainConfig:
     knn_every_epochs: int = setting(10, ge=1)  # kNN monitor cadence when --val is given
     knn_k: int = setting(20, ge=1)
     knn_temperature: float = setting(0.07, gt=0.0)
+    # kNN memory: one similarity block holds at most this much (bank × queries, float32)
+    knn_chunk_mb: int = setting(1024, ge=1)
+    # > 0: the bank is the first N training images of each class (folder order), not all of
+    # them, as lightly and solo-learn offer for speed; 0: every training image (the default)
+    knn_bank_per_class: int = setting(0, ge=0)
     export_branch: str = "auto"          # m2t-convert's default branch; auto: by method (SPEC §3)
     nonfinite: str = "stop"              # on a NaN/inf loss: stop | skip (the step, counted)
 

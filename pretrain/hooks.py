@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import Subset
 
 from .data.folder import (
     check_same_classes,
@@ -27,7 +29,7 @@ from .data.folder import (
 from .data.loader import Loader, available_cpus
 from .data.views import eval_transform
 from .errors import UserError
-from .knn import extract_features, knn_accuracy
+from .knn import extract_features, sharded_knn_accuracy
 from .momentum_bn import bn_alpha, momentum_bn_modules
 from .rundir import METRICS, trim_metrics
 
@@ -220,17 +222,23 @@ class PeriodicCheckpoint(HookBase):
 
 class KnnMonitor(HookBase):
     """kNN top-1 of the teacher's and the student's backbone on ``--val``, with the training
-    images as the memory bank, every ``train.knn_every_epochs`` epochs and at the end.
+    images as the memory bank (or ``train.knn_bank_per_class`` of each class), every
+    ``train.knn_every_epochs`` epochs and at the end.
 
+    Each rank extracts the features of its own shard of the bank and of the queries, on its
+    device, and the shards are searched where they are and their answers merged
+    (``knn.sharded_knn_accuracy``): the time of one evaluation falls with the ranks, and no
+    rank holds the whole bank nor any query × bank matrix larger than ``train.knn_chunk_mb``.
     Built before the model, so that a bad ``--val`` is refused at once.
     """
 
     def __init__(self, train_folder: Any, data: str | Path, val: str | Path,
-                 image_size: int) -> None:
+                 image_size: int, bank_per_class: int = 0) -> None:
         t = eval_transform(image_size)
         val_set = image_folder(val, t, "--val folder")
         check_same_classes(train_folder.classes, val_set.classes, data, val)
         self.train_set, self.val_set = with_transform(train_folder, t), val_set
+        self.bank = bank_indices(train_folder.targets, bank_per_class)
 
     def after_epoch(self, epoch: int, final: bool) -> None:
         if not (final or epoch % self.trainer.cfg.train.knn_every_epochs == 0):
@@ -243,21 +251,42 @@ class KnnMonitor(HookBase):
     def evaluate(self) -> dict[str, float]:
         t = self.trainer
         cfg = t.cfg
+        rank, world = t.dist.rank, t.dist.world_size
 
-        def loader(ds: Any) -> Loader:
+        def loader(ds: Any, indices: Any) -> Loader:
+            if world > 1 or len(indices) != len(ds):
+                ds = Subset(ds, indices)
             return Loader(ds, batch_size=256, num_workers=cfg.data.workers,
                           collate_fn=collate_labelled)
 
+        bank = loader(self.train_set, self.bank[rank::world])
+        queries = loader(self.val_set, range(rank, len(self.val_set), world))
         result = {}
         for branch in ("teacher", "student"):
             backbone = t.model.export_backbone(branch)
-            tf, tl = extract_features(backbone, loader(self.train_set), t.device, report=False)
-            vf, vl = extract_features(backbone, loader(self.val_set), t.device,
-                                      report=t.dist.main and branch == "teacher")
-            result[f"knn_top1_{branch}"] = knn_accuracy(
+            tf, tl = extract_features(backbone, bank, t.device, report=False, on_device=True)
+            vf, vl = extract_features(backbone, queries, t.device,
+                                      report=t.dist.main and branch == "teacher",
+                                      on_device=True)
+            result[f"knn_top1_{branch}"] = sharded_knn_accuracy(
                 tf, tl, vf, vl, len(self.train_set.classes), cfg.train.knn_k,
-                cfg.train.knn_temperature)
+                cfg.train.knn_temperature, cfg.train.knn_chunk_mb << 20)
         return result
+
+
+def bank_indices(targets: Sequence[int], per_class: int) -> Sequence[int]:
+    """The kNN bank: every training image (``per_class`` 0), or the first ``per_class`` of each
+    class in the folder's order (fixed across evaluations and runs)."""
+    if per_class <= 0:
+        return range(len(targets))
+    taken: dict[int, int] = {}
+    keep = []
+    for i, label in enumerate(targets):
+        label = int(label)
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(i)
+    return keep
 
 
 class Profile(HookBase):

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
@@ -16,8 +17,11 @@ from .errors import UserError
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device,
-                     report: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised pooled features and labels of every image in ``loader`` (eval mode).
+                     report: bool = True,
+                     on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised pooled features and labels of every image in ``loader`` (eval mode), on
+    the CPU, or with ``on_device`` where the backbone runs (a GPU keeps its shard of a kNN bank
+    instead of copying it to the host).
 
     Batches come from ``pretrain.data.folder.collate_labelled``: unreadable images are skipped
     and, when ``report``, named in one warning line; a loader with no readable image is an error.
@@ -29,16 +33,19 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
         bad += unreadable
         if len(images) == 0:
             continue
-        feats.append(F.normalize(backbone(images.to(device)).float(), dim=1).cpu())
+        feats.append(F.normalize(backbone(images.to(device)).float(), dim=1))
         labels.append(targets)
+        if not on_device:
+            feats[-1] = feats[-1].cpu()
     backbone.train(was_training)
-    root = getattr(loader.dataset, "root", "the data folder")
+    dataset = getattr(loader.dataset, "dataset", loader.dataset)  # a Subset: its folder
+    root = getattr(dataset, "root", "the data folder")
     if not feats:
         raise UserError(f"{root}: none of its images could be read")
     if bad and report:
         print(f"warning: {root}: skipped {len(bad)} unreadable image(s): "
               f"{describe_unreadable(bad)}", file=sys.stderr, flush=True)
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(feats), torch.cat(labels).to(feats[0].device)
 
 
 DEFAULT_CHUNK_BYTES = 1 << 30  # one similarity block: 1 GiB of float32 (train.knn_chunk_mb)
@@ -132,4 +139,53 @@ def knn_accuracy(train_features: torch.Tensor | Iterable[torch.Tensor],
     scores = knn_predict(train_features, train_labels, query_features, num_classes, k,
                          temperature, chunk_bytes)
     hits = scores.argmax(1).cpu() == query_labels.cpu()
+    return 100.0 * hits.float().mean().item()
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` (any number of rows, the same trailing shape) concatenated in rank
+    order; ``x`` itself without a process group. Memory: the gathered rows, once."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    rows = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(rows) for _ in range(world)]
+    dist.all_gather(sizes, rows)
+    most = max(int(n) for n in sizes)
+    padded = x.new_zeros((most, *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:int(n)] for part, n in zip(parts, sizes, strict=True)])
+
+
+def sharded_knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
+                         query_labels: torch.Tensor, num_classes: int, k: int = 20,
+                         temperature: float = 0.07,
+                         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> float:
+    """kNN top-1 (percent) when each rank holds a shard of the bank and of the queries.
+
+    The queries are gathered to every rank (ImageNet's 50,000 × 2048: 400 MB); each rank finds
+    every query's ``k`` nearest in its own shard (memory bounded by ``chunk_bytes``), and the
+    ranks' (Q, k) answers are gathered and merged: the neighbours of the whole bank. Without a
+    process group this is :func:`knn_accuracy` on one bank. Every rank returns the result.
+    """
+    queries, query_labels = all_gather_rows(queries), all_gather_rows(query_labels)
+    total = int(all_gather_rows(torch.tensor([bank.shape[0]], device=bank.device)).sum())
+    k = min(k, total)
+    sims, idx = nearest(bank, queries, min(k, bank.shape[0]), chunk_bytes)
+    labels = bank_labels[idx]
+    if total != bank.shape[0]:  # several ranks: merge their answers
+        if sims.shape[1] < k:  # a shard smaller than k: pad with neighbours that never win
+            pad = k - sims.shape[1]
+            sims = torch.cat([sims, sims.new_full((sims.shape[0], pad), float("-inf"))], 1)
+            labels = torch.cat([labels, labels.new_zeros((labels.shape[0], pad))], 1)
+        world = dist.get_world_size()
+        all_sims = [torch.empty_like(sims) for _ in range(world)]
+        all_labels = [torch.empty_like(labels) for _ in range(world)]
+        dist.all_gather(all_sims, sims)
+        dist.all_gather(all_labels, labels)
+        sims, labels = merge_nearest(list(zip(all_sims, all_labels, strict=True)), k)
+    scores = vote(sims, labels, num_classes, temperature)
+    hits = scores.argmax(1) == query_labels.to(scores.device)
     return 100.0 * hits.float().mean().item()

@@ -85,7 +85,8 @@ class Trainer:
         if self.per_epoch < 1:
             raise UserError(f"{data}: {self.feed.num_images} images are fewer than one batch of "
                             f"{cfg.data.batch_size} per process × {self.dist.world_size} processes")
-        knn = (KnnMonitor(self.dataset.folder, data, val, cfg.data.image_size)
+        knn = (KnnMonitor(self.dataset.folder, data, val, cfg.data.image_size,
+                          cfg.train.knn_bank_per_class)
                if val is not None else None)  # --val checked now, before the model is built
         self.total_steps, self.epochs = total_steps_for(cfg.train.epochs, cfg.train.steps,
                                                         self.per_epoch)

@@ -47,7 +47,7 @@ BUILD = {
         "data/common.py: upstream's later fix 400a49c1 (2025-04-13): a mapper may return None "
         "on Python >= 3.11",
         "a test helper",
-        "version label 0.7.2 (upstream a59f0563 says 0.6)",
+        "the version label 0.7.2",
         "without the compiled _C extension (built for Python 3.10)",
     ],
     # before upstream b1c43ffb (2024-12-19): TrainingSampler's seed is drawn from the random

@@ -120,3 +120,9 @@ def empty_lvis_results(lvis_gt: Any) -> Any:
     results.dataset["annotations"] = []
     results._create_index()
     return results
+
+
+def reindex_lvis(lvis_gt: Any) -> None:
+    """Rebuild an ``lvis.LVIS``'s indices after its ``dataset`` was changed in place
+    (``LVIS._create_index``: the package has no public way; pycocotools' is ``createIndex``)."""
+    lvis_gt._create_index()

@@ -267,8 +267,14 @@ def read_annotation_json(path: Path) -> dict[str, Any]:
 
 
 def _is_lvis(data: dict[str, Any]) -> bool:
-    cats = data.get("categories") or []
-    return bool(cats) and isinstance(cats[0], dict) and "frequency" in cats[0]
+    """Whether a JSON given by path is LVIS: a category carries LVIS's ``frequency``, or an
+    image LVIS's ``neg_category_ids`` / ``not_exhaustive_category_ids`` (such a file without
+    frequencies is then refused by the LVIS check, not scored as plain COCO)."""
+    cats, imgs = data.get("categories"), data.get("images")
+    return (isinstance(cats, list) and any(isinstance(c, dict) and "frequency" in c
+                                           for c in cats)) or (
+        isinstance(imgs, list) and any(isinstance(img, dict) and (
+            "neg_category_ids" in img or "not_exhaustive_category_ids" in img) for img in imgs))
 
 
 def _find_builtin(base: Path, rel_json: str, rel_images: str) -> tuple[Path, Path]:
@@ -328,6 +334,9 @@ def _check_format(path: Path, data: dict[str, Any], kind: str) -> None:
             raise bad(f"categories[{i}] has 'synonyms' that are not a list of strings")
         if "image_count" in cat and not is_id(cat["image_count"]):
             raise bad(f"categories[{i}] has an 'image_count' that is not an integer")
+        if kind == "lvis" and "frequency" not in cat:
+            raise bad(f"categories[{i}] lacks 'frequency' (r, c or f), which LVIS evaluation "
+                      f"groups categories by (APr, APc, APf)")
         if kind == "lvis" and cat.get("frequency") not in ("r", "c", "f"):
             raise bad(f"categories[{i}] has a 'frequency' other than r, c or f")
     image_key = "coco_url" if kind == "lvis" else "file_name"
@@ -339,6 +348,12 @@ def _check_format(path: Path, data: dict[str, Any], kind: str) -> None:
         if not is_id(img["id"]) or not all(is_number(img[k]) and img[k] > 0
                                            for k in ("height", "width")):
             raise bad(f"images[{i}] needs an integer 'id' and positive 'height' and 'width'")
+        for k in ("height", "width"):
+            if not is_id(img[k]):  # 128.0: Detectron2 trains, then the evaluation crashes
+                hint = f": write {int(img[k])}" if float(img[k]).is_integer() else ""
+                raise bad(f"images[{i}] has a '{k}' of {img[k]!r}; image sizes are whole "
+                          f"pixels written as integers (the evaluation's mask decoding takes "
+                          f"nothing else){hint}")
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
             if key in img and not (isinstance(img[key], list) and all(map(is_id, img[key]))):
                 raise bad(f"images[{i}] has '{key}' that is not a list of category ids")

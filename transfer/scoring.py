@@ -27,6 +27,7 @@ import gc
 import io
 import logging
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -144,7 +145,9 @@ class Scorer:
             if evaluator == "fast":
                 from faster_coco_eval import COCO as FastCOCO
 
-                self.gt = FastCOCO(json_file)
+                with warnings.catch_warnings():  # id 0 is renumbered below (_renumber)
+                    warnings.filterwarnings("ignore", message="Found annotation id 0")
+                    self.gt = FastCOCO(json_file)
                 anns = self.gt.dataset["annotations"]
                 if kind == "lvis" and any(a["area"] <= 0 for a in anns):
                     # LVISEval reads the ground truth through LVIS.get_ann_ids too, which keeps
@@ -159,7 +162,11 @@ class Scorer:
                 from pycocotools.coco import COCO
 
                 self.gt = COCO(json_file)
+            self._image_ids = _renumber(self.gt)
         cats = self.gt.dataset["categories"]
+        if kind == "lvis" and any(c.get("frequency") not in ("r", "c", "f") for c in cats):
+            raise ValueError(f"{json_file}: LVIS evaluation needs each category's 'frequency' "
+                             f"(r, c or f), for APr, APc and APf")
         self.categories = [{k: c[k] for k in ("id", "name", "frequency") if k in c}
                            for c in sorted(cats, key=lambda c: c["id"])]
         self._judged: dict[int, set[int]] | None = None
@@ -195,6 +202,8 @@ class Scorer:
             return self._score(list(detections), task)
 
     def _score(self, dets: list[Mapping[str, Any]], task: str) -> TaskScore:
+        if self._image_ids is not None:  # the ground truth's renumbering (see _renumber)
+            dets = [dict(d, image_id=self._image_ids[d["image_id"]]) for d in dets]
         if self.evaluator == "fast" and self.kind == "lvis" and self._judged is not None:
             dets = self._federated(dets)
         # The APIs write area, id, ... into each result: give them shallow copies. For segm,
@@ -360,6 +369,50 @@ class Scorer:
         results = ev.get_results()
         metrics = {name: _metric(results[name]) for name in LVIS_NAMES}
         return metrics, np.asarray(ev.eval["precision"])
+
+
+#: Ids outside these bounds are renumbered before scoring (see :func:`_renumber`).
+_ID_RANGE = (1, 2**31 - 1)
+
+
+def _renumber(gt: Any) -> dict[Any, int] | None:
+    """Renumber, in place, ground-truth ids the scoring code cannot take as they are.
+
+    - Annotation ids below 1 or past 32 bits: both evaluators record a match as the matched
+      object's id, and read id 0 as "no match" (pycocotools, lvis), a negative one or one past
+      64 bits wrongly too (faster-coco-eval), so such a file scored lower than it should. An
+      annotation's id is only its name: they become 1..N in the file's order.
+    - Image ids below 0 or past 32 bits: faster-coco-eval's C++ takes no negative id (a
+      TypeError that printed the whole ground truth), and pycocotools' ``np.unique`` of ids
+      past 2**53 makes floats of them, which no longer find their images. They become their
+      rank among the sorted ids, which keeps every image's order (COCOeval sorts by id), so
+      that the numbers are those of the same file with ordinary ids; returns that mapping,
+      for the detections.
+
+    Files whose ids are in range (every real dataset's) are left untouched: returns None.
+    """
+    low, high = _ID_RANGE
+    anns, images = gt.dataset["annotations"], gt.dataset["images"]
+    changed = False
+    if any(not low <= a["id"] <= high for a in anns):
+        for k, ann in enumerate(anns, start=1):
+            ann["id"] = k
+        changed = True
+    mapping = None
+    if any(not 0 <= img["id"] <= high for img in images):
+        mapping = {i: k for k, i in enumerate(sorted(img["id"] for img in images))}
+        for img in images:
+            img["id"] = mapping[img["id"]]
+        for ann in anns:
+            ann["image_id"] = mapping[ann["image_id"]]
+        changed = True
+    if changed and hasattr(gt, "createIndex"):  # pycocotools, faster-coco-eval
+        gt.createIndex()
+    elif changed:  # the lvis package
+        from ._private import reindex_lvis
+
+        reindex_lvis(gt)
+    return mapping
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
