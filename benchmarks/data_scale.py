@@ -16,9 +16,9 @@ listing, then iterates one shuffled epoch with ``--workers`` workers (fork), sam
 worker's memory from ``/proc/PID/smaps_rollup`` every ``--every`` batches: USS (its private
 pages: Private_Clean + Private_Dirty, what it costs on its own), PSS and RSS.
 
-- ``pil listing``: the PIL dataset over the whole epoch, each entry's path read from the
-  listing and its seeds set, but the file not decoded (a constant image instead): the
-  listing's share of a worker's memory, over all 1.28M entries;
+- ``pil listing``: the PIL dataset's listing over the whole epoch, each entry read as
+  ``TwoViewDataset.__getitem__`` reads it (``folder.samples[index]``), but not seeded nor
+  decoded: the listing's share of a worker's memory, over all 1.28M entries;
 - ``tensor listing``: the tensor path's dataset over the whole epoch, every file read
   (bytes), not decoded;
 - ``pil decode`` / ``tensor decode``: both pipelines in full (decode + two 32 px views on
@@ -104,11 +104,16 @@ def smaps(pid):
     return {"uss": out["Private_Clean"] + out["Private_Dirty"], "pss": out["Pss"],
             "rss": out["Rss"]}
 
-class Constant:
-    def __init__(self):
-        self.image = torch.zeros(1)
-    def __call__(self, img):
-        return self.image, self.image
+class Entries(torch.utils.data.Dataset):
+    """What TwoViewDataset.__getitem__ reads of the listing (``folder.samples[index]``),
+    without its seeding (torch.manual_seed: ~0.1 ms a sample here) and decoding."""
+    def __init__(self, dataset):
+        self.dataset = dataset
+    def __len__(self):
+        return len(self.dataset)
+    def __getitem__(self, index):
+        path, _ = self.dataset.folder.samples[index]
+        return len(path)
 
 if part.startswith("pil"):
     dataset = TwoViewDataset(tiny, PilTwoViews(32, 0.2, (1.0, 0.1)), seed=0)
@@ -116,11 +121,14 @@ if part.startswith("pil"):
     folder.samples = folder.imgs = samples
     folder.targets = samples.targets if kind == "buffer" else [c for _, c in samples]
     if part == "pil listing":
-        dataset.transform, folder.loader = Constant(), lambda path: None
-    collate = collate_views
+        dataset, collate = Entries(dataset), len
+    else:
+        collate = collate_views
 else:
     # before: the folder's tuples and EncodedImages' own list of str, both alive
-    dataset = EncodedImages(samples.paths if kind == "buffer" else [p for p, _ in samples])
+    dataset = EncodedImages(samples.paths if kind == "buffer" else [])
+    if kind == "list":
+        dataset.paths = [p for p, _ in samples]  # what EncodedImages held before
     if part == "tensor listing":
         collate = lambda batch: len(batch)  # bytes read, not decoded
     else:

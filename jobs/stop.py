@@ -83,3 +83,26 @@ class StopRequest:
         if callable(self.previous):
             self.previous(self.signum, None)
             raise SystemExit(0)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a container's stop, ``scancel`` or a preemption without ``--signal``)
+    raised where SIGINT raises ``KeyboardInterrupt``: the command stops as after Ctrl-C (a
+    save in progress is abandoned by the atomic writer, its temporary removed; the last
+    checkpoint is intact) instead of dying at once with no message."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def terminate_as_interrupt() -> None:
+    """Handle SIGTERM as SIGINT (:class:`Terminated`) in this process, if it runs Python's
+    default handling of SIGTERM in its main thread (a handler set by someone else, such as
+    submitit's, is left in place)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _raise_terminated)

@@ -180,6 +180,9 @@ def _leave_process_group() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from jobs.stop import Terminated, terminate_as_interrupt
+
+    terminate_as_interrupt()  # SIGTERM stops the run as Ctrl-C does, not at once
     try:
         return {"train": cmd_train, "knn": cmd_eval, "linear": cmd_eval}[args.command](args)
     except UserError as exc:
@@ -190,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{exc.strerror or exc}; the last checkpoint is intact",
               file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM); the last checkpoint is intact", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
-from jobs.atomic import write_bytes
+from jobs.atomic import replace_file
 
 from .errors import UserError
 
@@ -72,19 +74,48 @@ def trim_metrics(path: Path, step: int) -> int:
     records (from before a Ctrl-C or a kill) would be there twice. A last line without its
     newline that is not a whole record was cut by a kill mid-write and is dropped too. Other
     lines that are not records are kept as they are. The file is rewritten atomically, and
-    only when something changes.
+    only when something changes. It is read line by line, twice (is there anything to drop?
+    then the copy), never whole: a 500,000-step run's file is 100 MB or more.
     """
     if not path.is_file():
         return 0
-    data = path.read_bytes()
-    lines = data.splitlines(keepends=True)
-    kept = [line for line in lines if _step(line) is None or _step(line) <= step]
-    if kept and not kept[-1].endswith(b"\n"):
-        kept[-1:] = [kept[-1] + b"\n"] if _step(kept[-1]) is not None else []
-    new = b"".join(kept)
-    if new != data:
-        write_bytes(path, new)
-    return len(lines) - len(kept)
+    tally = [0, False]  # lines dropped, last line changed
+    with open(path, "rb") as f:
+        for _ in _kept(f, step, tally):
+            pass
+    dropped, changed = tally
+    if dropped or changed:
+        def write(out: IO[bytes]) -> None:
+            with open(path, "rb") as f:
+                out.writelines(_kept(f, step, [0, False]))
+
+        replace_file(path, write)
+    return dropped
+
+
+def _kept(f: IO[bytes], step: int, tally: list) -> Iterator[bytes]:
+    """The lines of ``f`` (split as ``bytes.splitlines`` splits) that :func:`trim_metrics`
+    keeps; counts the dropped ones in ``tally[0]`` and sets ``tally[1]`` when the last kept
+    line lacks its newline (then completed, or dropped when it is not a whole record)."""
+    last = None
+    for chunk in f:
+        for line in chunk.splitlines(keepends=True):
+            logged = _step(line)
+            if logged is not None and logged > step:
+                tally[0] += 1
+                continue
+            if last is not None:
+                yield last
+            last = line
+    if last is not None:
+        if last.endswith(b"\n"):
+            yield last
+        else:
+            tally[1] = True
+            if _step(last) is not None:
+                yield last + b"\n"
+            else:
+                tally[0] += 1
 
 
 def _step(line: bytes) -> float | None:

@@ -15,9 +15,9 @@ Bad input ends with one line ``error: <path>: <what is wrong>`` and exit status 
 
 Start-up: this module imports no torch, Detectron2 or submitit. ``train``'s and ``eval``'s
 options are added to their parsers when that sub-command is used (``train``'s SLURM
-options come from :mod:`transfer.slurm`, which imports submitit and Detectron2), and each
-command imports what it needs when it runs: ``--help``, ``evaluate``, ``report`` and
-``configs`` do not load the training stack.
+options come from :mod:`jobs.options`, the standard library only), and each command imports
+what it needs when it runs: ``--help``, ``evaluate``, ``report`` and ``configs`` do not load
+the training stack.
 """
 
 from __future__ import annotations
@@ -70,10 +70,11 @@ def _add_run_options(p: argparse.ArgumentParser, train: bool) -> None:
                        help="continue from the last checkpoint in --output-dir")
     _add_evaluator_option(p)
     if train:
-        from .slurm import add_job_options
+        from jobs.options import add_job_options
+
         from .sweep import add_sweep_options
 
-        add_job_options(p)
+        add_job_options(p, "the fine-tuning")
         add_sweep_options(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="config overrides, after all options")

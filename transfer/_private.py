@@ -126,3 +126,27 @@ def reindex_lvis(lvis_gt: Any) -> None:
     """Rebuild an ``lvis.LVIS``'s indices after its ``dataset`` was changed in place
     (``LVIS._create_index``: the package has no public way; pycocotools' is ``createIndex``)."""
     lvis_gt._create_index()
+
+
+def scale_wide_grayscale_images() -> None:
+    """Detectron2 reads 16-bit grayscale images as pretraining does: scaled to 8 bits.
+
+    ``detection_utils.read_image`` (every ``DatasetMapper``, for training and testing) ends in
+    ``convert_PIL_to_numpy``, whose ``image.convert("RGB")`` clips a 16-bit grayscale PNG at
+    255 (almost every pixel white); it has no option for another conversion, so the name
+    ``read_image`` looks up in its module is replaced by one that first applies
+    :func:`jobs.images.to_8bit` (once; the worker processes of a loader inherit it).
+    """
+    from detectron2.data import detection_utils
+
+    from jobs.images import to_8bit
+
+    original = detection_utils.convert_PIL_to_numpy
+    if getattr(original, "scales_wide_grayscale", False):
+        return
+
+    def convert_PIL_to_numpy(image: Any, format: Any) -> Any:  # noqa: N802, A002 - its name
+        return original(to_8bit(image), format)
+
+    convert_PIL_to_numpy.scales_wide_grayscale = True  # type: ignore[attr-defined]
+    detection_utils.convert_PIL_to_numpy = convert_PIL_to_numpy

@@ -93,10 +93,11 @@ def sampler_seeding() -> str:
 
     Builds the config-driven loader twice over a registered 16-image list with the same
     ``SEED`` and different numpy states, and compares the orders. Call it in one process
-    before any run starts: Detectron2's ``shared_random_seed`` draws from numpy's state, which
-    is saved and put back here.
+    before any run starts: Detectron2's ``shared_random_seed`` draws from numpy's state and the
+    DataLoader from torch's; both are saved and put back here.
     """
     import numpy as np
+    import torch
     from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog, build_detection_train_loader
 
@@ -113,7 +114,7 @@ def sampler_seeding() -> str:
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
     cfg.SOLVER.IMS_PER_BATCH = 1
     cfg.SEED = 7
-    state = np.random.get_state()
+    state, torch_state = np.random.get_state(), torch.get_rng_state()
     quiet = logging.root.manager.disable
     logging.disable(logging.INFO)  # the probe's loader lines belong in no run's log
     try:
@@ -124,6 +125,7 @@ def sampler_seeding() -> str:
             orders.append([next(loader)[0]["image_id"] for _ in range(size)])
     finally:
         np.random.set_state(state)
+        torch.set_rng_state(torch_state)  # the DataLoader draws its base seed from torch's
         logging.disable(quiet)
     return "SEED" if orders[0] == orders[1] else "rng"
 

@@ -17,7 +17,7 @@ checkpoint (``model_XXXXXXX.pth`` and ``last_checkpoint``); then submitit's own 
 :meth:`TrainingJob.checkpoint`, which submits the job again with ``--resume``. Outside the
 loop (setting up, the first iteration of a session, the final evaluation) nothing new is
 unsaved: the job is requeued at once. A resumed run goes on as if uninterrupted (see
-:class:`transfer.train.Trainer`), so a chain of jobs ends with one uninterrupted run's weights.
+:class:`transfer.trainer.Trainer`), so a chain of jobs ends with one uninterrupted run's weights.
 A rank that fails ends the others (``srun --kill-on-bad-exit=1``).
 
 The options, the executor, the stop agreement and the lines a user reads are :mod:`jobs`'s,

@@ -27,9 +27,11 @@ from . import (
     compat,  # noqa: F401  (np.float for the lvis package, also in spawned workers)
     modeling,  # noqa: F401  (registers FCOS and Res5ROIHeadsExtraNorm)
 )
-from ._private import cpu_ddp
+from ._private import cpu_ddp, scale_wide_grayscale_images
 from .errors import first_line
 from .evaluate import DetectionEvaluator
+
+scale_wide_grayscale_images()  # 16-bit grayscale PNGs as pretraining reads them, not white
 
 
 class Trainer(DefaultTrainer):

@@ -34,6 +34,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
+from jobs.images import to_rgb
+
 from ..errors import first_line
 from .folder import Unreadable
 from .samples import as_paths
@@ -120,7 +122,7 @@ def decode_cpu(data: torch.Tensor) -> torch.Tensor:
     except Exception as exc:  # noqa: BLE001 - any decoder failure means: try PIL
         try:
             with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-                return TF.pil_to_tensor(img.convert("RGB"))
+                return TF.pil_to_tensor(to_rgb(img))  # 16-bit grayscale scaled
         except Exception as pil_exc:  # noqa: BLE001 - whatever PIL raises, the image is unreadable
             unsupported = "Unsupported image file" in str(exc)
             raise RuntimeError(_reason(pil_exc if unsupported else exc)) from None

@@ -24,6 +24,8 @@ import torch
 import torchvision
 from torch.utils.data import Dataset, default_collate
 
+from jobs.images import open_rgb
+
 from ..errors import UserError, first_line
 from .samples import Samples
 
@@ -63,7 +65,9 @@ class LabelledImages(torchvision.datasets.ImageFolder):
     """
 
     def __init__(self, root: str, transform: Callable | None = None) -> None:
-        super().__init__(root, transform=transform)
+        # open_rgb: torchvision's PIL loader, but a 16-bit grayscale PNG is scaled to 8 bits
+        # (as the tensor path's decoder does), not clipped to white by PIL's convert
+        super().__init__(root, transform=transform, loader=open_rgb)
         kept, self.repeated, self.repeated_at = drop_repeated_folders(self.samples)
         self.samples = self.imgs = Samples(kept)
         self.targets = self.samples.targets

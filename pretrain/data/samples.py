@@ -22,6 +22,7 @@ names that are not valid UTF-8 round-trip too) and labels as Python ints.
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import overload
@@ -33,9 +34,12 @@ class Paths(Sequence[str]):
     """File paths held as one byte buffer and their end offsets."""
 
     def __init__(self, paths: Iterable[str | Path]) -> None:
-        encoded = [os.fsencode(p) for p in paths]
-        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
-        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        data, ends = bytearray(), array("q")
+        for path in paths:  # one pass, no list of the encoded paths on the way
+            data += os.fsencode(path)
+            ends.append(len(data))
+        self._ends = np.frombuffer(ends, dtype=np.int64).copy()
+        self._bytes = np.frombuffer(bytes(data), dtype=np.uint8)
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -73,10 +77,15 @@ class Samples(Sequence[tuple[str, int]]):
     """
 
     def __init__(self, pairs: Iterable[tuple[str | Path, int]]) -> None:
-        pairs = pairs if isinstance(pairs, Sequence) else list(pairs)
-        self.paths = Paths(path for path, _ in pairs)
-        self.targets = np.fromiter((target for _, target in pairs), dtype=np.int64,
-                                   count=len(pairs))
+        targets = array("q")
+
+        def paths() -> Iterator[str | Path]:
+            for path, target in pairs:
+                targets.append(target)
+                yield path
+
+        self.paths = Paths(paths())
+        self.targets = np.frombuffer(targets, dtype=np.int64).copy()
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -49,11 +49,14 @@ def test_the_probe_tells_a_seed_seeded_sampler_apart(monkeypatch: pytest.MonkeyP
 
 def test_the_probe_leaves_the_random_state_alone() -> None:
     import numpy as np
+    import torch
 
     np.random.seed(3)
-    before = np.random.get_state()[1].copy()
+    torch.manual_seed(3)
+    before, torch_before = np.random.get_state()[1].copy(), torch.get_rng_state()
     build.sampler_seeding()
     assert (np.random.get_state()[1] == before).all()
+    assert torch.equal(torch.get_rng_state(), torch_before)
 
 
 def test_the_record_is_read_back_and_a_changed_file_is_noticed(
