@@ -15,8 +15,10 @@ code versions gave the same weights, metrics and log lines.
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -35,7 +37,7 @@ TIMING = re.compile(r"(time|speed|eta|sec|second|img_s|images_per|_s$|wall|date|
                     r"elapsed|rss|memory|mem_)", re.I)
 MASKS = [(re.compile(r"\d+(\.\d+)?\s*(s|ms|min|h|it/s|img/s|images/s|GB|MB|MiB|GiB)\b"), "<t>"),
          (re.compile(r"\d\d:\d\d:\d\d"), "<clock>"), (re.compile(r"\d{4}-\d\d-\d\d"), "<date>"),
-         (re.compile(r"eta[ =:]\s*\S+", re.I), "eta <t>"), (re.compile(r"/tmp/\S+"), "<path>"),
+         (re.compile(r"eta[ =:]\s*\S+", re.I), "eta <t>"), (re.compile(r"/tmp/[^\s'\"]+"), "<path>"),
          (re.compile(r"pid[ =]\d+", re.I), "pid <n>")]
 
 
@@ -124,16 +126,29 @@ def fingerprint(work: Path) -> dict:
     return result
 
 
-def compare(a: dict, b: dict, where: str = "") -> list[str]:
+def compare(a, b, where: str = "") -> list[str]:
+    """Every difference between two fingerprints (paths and times masked, NaN equal to NaN;
+    log lines as a diff)."""
     if isinstance(a, dict) and isinstance(b, dict):
         diffs = [f"{where}.{k}: only in the first" for k in a.keys() - b.keys()]
         diffs += [f"{where}.{k}: only in the second" for k in b.keys() - a.keys()]
         for k in sorted(a.keys() & b.keys()):
             diffs += compare(a[k], b[k], f"{where}.{k}")
         return diffs
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in compare(x, y, f"{where}[{i}]")]
-    return [] if a == b else [f"{where}: {str(a)[:200]!r} != {str(b)[:200]!r}"]
+    if isinstance(a, list) and isinstance(b, list):
+        if all(isinstance(x, str) for x in a + b):
+            lines = difflib.unified_diff([mask(x) for x in a], [mask(x) for x in b], lineterm="",
+                                         n=0)
+            return [f"{where}: {line}" for line in list(lines)[2:] if not line.startswith("@@")]
+        if len(a) == len(b):
+            return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
+                    for d in compare(x, y, f"{where}[{i}]")]
+    if isinstance(a, str) and isinstance(b, str):
+        a, b = mask(a), mask(b)
+    if a == b or (a in ("nan", "NaN") and b in ("nan", "NaN")) or (
+            isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)):
+        return []
+    return [f"{where}: {str(a)[:200]!r} != {str(b)[:200]!r}"]
 
 
 def main() -> None:
