@@ -132,7 +132,7 @@ else:
     if part == "tensor listing":
         collate = lambda batch: len(batch)  # bytes read, not decoded
     else:
-        collate = AugmentInWorker(TwoViewAugment(32, 0.2, (1.0, 0.1)), 0, 0)
+        collate = AugmentInWorker(TwoViewAugment(32, 0.2, blur=(1.0, 0.1)), 0, 0)
 gc.collect()
 loader = build_loader(dataset, batch_size=256, workers=workers, rank=0, world_size=1, epoch=0,
                       start_batch=0, seed=0, collate_fn=collate)

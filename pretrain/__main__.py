@@ -3,6 +3,7 @@
     m2t-pretrain train --config configs/pretrain/resnet18_cifar.yaml --data DIR --out RUN [key=value ...]
     torchrun --nproc_per_node 8 -m pretrain train --config ... --data DIR --out RUN
     m2t-pretrain train --config ... --data DIR --out RUN --slurm --nodes 4 --partition P
+    m2t-pretrain linear RUN --train DIR --val DIR --protocol standard [--slurm ...]
 """
 
 from __future__ import annotations
@@ -58,25 +59,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides, e.g. train.epochs=5 data.batch_size=64")
     add_job_options(t, "the run")  # --slurm, --nodes, ...: jobs.options
     for name, what in (("knn", "kNN top-1 (cosine, temperature-weighted votes)"),
-                       ("linear", "linear probe top-1/top-5 on frozen features")):
+                       ("linear", "linear evaluation top-1/top-5 on a frozen backbone")):
         e = sub.add_parser(name, help=f"{what} of a run's teacher and/or student backbone")
         e.add_argument("run", help="run directory, checkpoint .pth, or 'random' for a "
                                    "randomly initialised backbone (the floor)")
         e.add_argument("--train", required=True, help="labelled ImageFolder (memory bank / "
                                                       "training set)")
         e.add_argument("--val", required=True, help="labelled ImageFolder to score")
-        e.add_argument("--branch", choices=("teacher", "student", "both"), default="both")
+        e.add_argument("--branch", choices=("teacher", "student", "both"),
+                       default="both" if name == "knn" else None,
+                       help="default: both (linear --protocol standard: teacher, the "
+                            "backbone the authors evaluate)")
         e.add_argument("--arch", default="resnet18", help="architecture for 'random'")
         e.add_argument("--image-size", type=int, help="default: the run's data.image_size")
-        e.add_argument("--device", default="cpu")
+        e.add_argument("--device", default="cpu" if name == "knn" else None,
+                       help="default: cpu (linear --protocol standard: auto, a GPU if any)")
         if name == "knn":
             e.add_argument("--k", type=int, default=20)
             e.add_argument("--temperature", type=float, default=0.07)
         else:
-            e.add_argument("--epochs", type=int, default=100)
-            e.add_argument("--lr", type=float, default=0.1)
-            e.add_argument("--no-bn", action="store_true", help="no BN1d before the linear layer")
+            add_linear_options(e)
     return parser
+
+
+def add_linear_options(e: argparse.ArgumentParser) -> None:
+    """``linear``: the fast probe (default) or the standard protocol (pretrain/linear.py)."""
+    e.add_argument("--protocol", choices=("probe", "standard"), default="probe",
+                   help="probe: a BN1d + Linear head on features extracted once, no "
+                        "augmentation (fast); standard: the authors' augmented evaluation "
+                        "(Linear → BN1d, SGD 0.2 × batch/256, cosine, 80 epochs, the best "
+                        "epoch reported), resumable, under torchrun or --slurm")
+    e.add_argument("--epochs", type=int, help="default: probe 100, standard 80")
+    e.add_argument("--lr", type=float,
+                   help="probe: the rate (default 0.1); standard: per 256 images, scaled by "
+                        "--batch-size/256 (default 0.2)")
+    e.add_argument("--no-bn", action="store_true",
+                   help="no BN1d in the head (probe: before the Linear layer; standard: after)")
+    e.add_argument("--normalize", action="store_true",
+                   help="probe: L2-normalise the features first (the probe before this was "
+                        "a setting; the standard protocol never does)")
+    s = e.add_argument_group("--protocol standard")
+    s.add_argument("--out", help="its run folder (config, metrics, last.pth, results.json); "
+                                 "default RUN/linear_BRANCH")
+    s.add_argument("--resume", action="store_true",
+                   help="continue --out from its last.pth (starts afresh when there is none)")
+    s.add_argument("--batch-size", type=int, default=256, help="total over every process")
+    s.add_argument("--workers", type=int, default=4, help="data-loading processes per rank")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--log-every", type=int, default=50, metavar="N")
+    s.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="stop (with last.pth) after N steps of this invocation; --resume "
+                        "continues")
+    add_job_options(e, "the linear evaluation")
 
 
 def check_eval_args(args: argparse.Namespace) -> None:
@@ -92,7 +126,25 @@ def check_eval_args(args: argparse.Namespace) -> None:
     else:
         check_range("--epochs", args.epochs, Range(low=1))
         check_range("--lr", args.lr, Range(low=0.0, low_open=True))
-    check_device(args.device, "--device ")
+        if args.protocol == "standard":
+            check_range("--batch-size", args.batch_size, Range(low=1))
+            check_range("--workers", args.workers, Range(low=0))
+            check_range("--log-every", args.log_every, Range(low=1))
+            check_range("--stop-after", args.stop_after, Range(low=0, why="0: run to the end"))
+        else:
+            given = [flag for flag, value, default in (
+                ("--out", args.out, None), ("--resume", args.resume, False),
+                ("--batch-size", args.batch_size, 256), ("--workers", args.workers, 4),
+                ("--seed", args.seed, 0), ("--log-every", args.log_every, 50),
+                ("--stop-after", args.stop_after, 0),
+                ("--slurm", args.slurm or any(v is not None for v in given_options(args).values()),
+                 False))
+                if value != default]
+            if given:
+                raise UserError(f"{', '.join(given)}: only with --protocol standard (the fast "
+                                f"probe runs in one process, in one go)")
+    if args.device is not None:
+        check_device(args.device, "--device ")
 
 
 def check_train_args(args: argparse.Namespace) -> None:
@@ -111,6 +163,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate as ev
 
     check_eval_args(args)
+    if args.command == "linear" and args.protocol == "standard":
+        return cmd_linear_standard(args)
+    if args.command == "linear":
+        args.branch, args.device = args.branch or "both", args.device or "cpu"
+        args.epochs, args.lr = args.epochs or 100, args.lr or 0.1
     rows = []
     branches = ["teacher", "student"] if args.branch == "both" else [args.branch]
     for branch in (["random"] if args.run == "random" else branches):
@@ -124,13 +181,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               args.device)
         else:
             res = ev.linear_eval(backbone, args.train, args.val, size, args.epochs, args.lr,
-                                 not args.no_bn, args.device)
+                                 not args.no_bn, args.device, normalize=args.normalize)
         row = {"eval": args.command, "branch": branch, "step": step, **res}
+        if args.command == "linear":
+            row.update(protocol="probe", normalize=args.normalize)
+        # what produced the numbers, so that a row of metrics.jsonl says it on its own
+        row.update(train=str(Path(args.train).resolve()), val=str(Path(args.val).resolve()),
+                   image_size=size)
+        if args.command == "knn":
+            row.update(k=args.k, temperature=args.temperature)
         rows.append(row)
         if args.run != "random":
             ev.append_metrics(args.run, row)
     cols = ["branch", "step"] + [k for k in rows[0] if k.startswith(("knn_top", "linear_top"))]
     print(ev.format_table(rows, cols))
+    return 0
+
+
+def cmd_linear_standard(args: argparse.Namespace) -> int:
+    """``linear --protocol standard`` (pretrain/linear.py): here (under torchrun: on every
+    rank), or submitted with ``--slurm``."""
+    from . import linear
+
+    if args.normalize:
+        raise UserError("--normalize: only with --protocol probe (the standard protocol feeds "
+                        "the head the backbone's features as they are)")
+    branch = args.branch or "teacher"
+    branches = (["random"] if args.run == "random"
+                else ["teacher", "student"] if branch == "both" else [branch])
+    outs = linear.out_dirs(args.run, branches, args.out)
+    recipe = linear.recipe_of(args)
+    if args.slurm or any(v is not None for v in slurm_options(args).values()):
+        from .linear_slurm import submit  # submitit is imported for --slurm only
+
+        return submit(args, branches, outs, recipe, slurm_options(args))
+    rows, d = linear.evaluate_backbones(args.run, branches, args.train, args.val, outs, recipe,
+                                        args.device or "auto", args.arch, args.resume,
+                                        args.stop_after)
+    if d.main:
+        linear.report(args.run, rows)
+    _leave_process_group()
     return 0
 
 

@@ -87,12 +87,15 @@ class ModelConfig:
     method: str = "m2t"                  # any name registered in pretrain.methods (@register)
     proj_hidden_dim: int = setting(4096, ge=1, le=65536)
     proj_dim: int = setting(256, ge=1, le=65536)
-    # teacher EMA m0; None → the method's default
+    # teacher EMA m0; None → the method's authors' (docs/methods.md): m2t 0.99, byol 0.99 up to
+    # 300 epochs and 0.996 beyond, eman 0.98, projector_only 0.99
     base_momentum: float | None = setting(None, ge=0.0, lt=1.0, why="1 would freeze the teacher")
     double_variance_correction: bool = False  # the authors' extra n/(n-1) on the variance
     residual: bool = False               # residual-momentum add-on (SPEC §1.5)
     residual_weight: float = setting(1.0, ge=0.0)  # its weight λ
     sync_bn: bool = False                # SyncBN in student and teacher (byol only)
+    # projector_only: its momentum projector's BN; plain (the paper's) | momentum (M2T's α mix)
+    projector_bn: str = "plain"
 
 
 @dataclass
@@ -114,6 +117,9 @@ class OptimConfig:
     base_lr: float = setting(0.05, gt=0.0)  # per 256 images: lr = base_lr × total batch / 256
     momentum: float = setting(0.9, ge=0.0, lt=1.0)
     weight_decay: float = setting(1e-4, ge=0.0)
+    # weight decay on BN parameters and biases too; None → the method's authors' (m2t,
+    # projector_only: yes; byol, eman: no). LARS never adapts their steps.
+    bn_bias_weight_decay: bool | None = None
     warmup_epochs: float = setting(10.0, ge=0.0)
     lars_trust_coefficient: float = setting(1e-3, gt=0.0)
 
@@ -162,6 +168,7 @@ SECTIONS = ("model", "data", "optim", "train")
 CHOICES: dict[str, tuple[str, ...]] = {  # model.method: the registry (see ``choices``)
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
     "model.stem": ("imagenet", "cifar"),
+    "model.projector_bn": ("plain", "momentum"),
     "optim.name": ("sgd", "lars"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -247,6 +254,22 @@ def _is_a(value: Any, hint: Any) -> bool:
     return isinstance(value, kind)
 
 
+def _yaml_hint(value: Any, kind: type) -> str:
+    """Why a value a person wrote right reached us as another type: YAML 1.1 reads an
+    unquoted no/off/yes/on as a boolean, and ``1e2`` (no dot) as a string."""
+    if isinstance(value, bool) and kind is str:
+        return (" (YAML reads an unquoted no, off, yes or on as a boolean: write the word in "
+                "quotes)")
+    if isinstance(value, str) and kind is int:
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        if number.is_integer():
+            return f" (YAML reads {value} as text: write {int(number)})"
+    return ""
+
+
 def _check(key: str, value: Any, source: str) -> None:
     """Refuse an unknown key, a value of another type or a string outside the choices.
 
@@ -261,8 +284,9 @@ def _check(key: str, value: Any, source: str) -> None:
         raise UserError(f"{source}: unknown config key {key!r}; valid keys in {section}: "
                         f"{', '.join(schema[section])}")
     if not _is_a(value, schema[section][name]):
-        raise UserError(f"{source}: {key} must be {_kind(schema[section][name]).__name__}, "
-                        f"got {short_repr(value)}")
+        kind = _kind(schema[section][name])
+        raise UserError(f"{source}: {key} must be {kind.__name__}, "
+                        f"got {short_repr(value)}{_yaml_hint(value, kind)}")
     allowed = choices(key)
     if allowed is not None and value not in allowed:
         raise UserError(f"{source}: {key} must be one of {', '.join(allowed)}, "
@@ -364,10 +388,28 @@ def config_from_dict(data: dict[str, Any], source: str,
     Only the sections in ``ranges`` are held to today's ranges: a finished run that is only
     evaluated needs sane model settings to be rebuilt; how it was trained is history.
     """
-    cfg = _merge(None, [(source, _flatten(data, source))], ranges)
+    cfg = _merge(None, [(source, _flatten(_as_trained(data), source))], ranges)
     if "train" in ranges:
         _validate(cfg)
     return cfg
+
+
+def _as_trained(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config from before issue 31 (no ``model.projector_bn``), with the settings that
+    issue added or whose defaults it changed set as that run was trained: projector_only's
+    momentum projector had momentum BN, every method decayed BN parameters and biases, and
+    byol and eman started the teacher EMA at 0.996."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "projector_bn" in model:
+        return data
+    method = model.get("method", ModelConfig.method)
+    model = {**model, "projector_bn": "momentum" if method == "projector_only" else "plain"}
+    if model.get("base_momentum") is None and method in ("byol", "eman"):
+        model["base_momentum"] = 0.996
+    optim = data.get("optim", {})
+    if isinstance(optim, dict):
+        optim = {**optim, "bn_bias_weight_decay": True}
+    return {**data, "model": model, "optim": optim}
 
 
 def _validate(cfg: Config) -> None:

@@ -4,20 +4,30 @@ Both read a run directory or checkpoint, rebuild the method from its saved confi
 teacher's or the student's backbone, and append their results to the run's metrics.jsonl.
 The linear probe trains on features extracted once with the evaluation transform (no
 augmentation): a fast, deterministic variant of the usual protocol, fine for comparing runs.
+Its features are the backbone's pooled output as the standard protocol feeds its head
+(``normalize=True``: L2-normalised first, as the kNN's are). The standard protocol itself,
+augmented and resumable, is :mod:`pretrain.linear`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint
 from .config import config_from_dict
-from .data.folder import check_same_classes, collate_labelled, image_folder
+from .data.folder import (
+    check_same_classes,
+    collate_labelled,
+    describe_unreadable,
+    image_folder,
+)
 from .data.loader import Loader
 from .data.views import eval_transform
 from .errors import UserError, first_line
@@ -58,16 +68,42 @@ def random_backbone(arch: str, seed: int = 0) -> nn.Module:
 
 
 def labelled_features(backbone: nn.Module, train_dir: str, val_dir: str, image_size: int,
-                      device: torch.device, workers: int = 2) -> tuple[torch.Tensor, ...]:
+                      device: torch.device, workers: int = 2,
+                      normalize: bool = True) -> tuple[torch.Tensor, ...]:
+    """Features and labels of both folders; ``normalize``: L2-normalised (the kNN's)."""
     t = eval_transform(image_size)
     train, val = image_folder(train_dir, t, "--train"), image_folder(val_dir, t, "--val")
     check_same_classes(train.classes, val.classes, train_dir, val_dir)
     backbone = backbone.to(device)
-    tf, tl = extract_features(backbone, Loader(train, batch_size=256, num_workers=workers,
-                                               collate_fn=collate_labelled), device)
-    vf, vl = extract_features(backbone, Loader(val, batch_size=256, num_workers=workers,
-                                               collate_fn=collate_labelled), device)
+    extract = extract_features if normalize else pooled_features
+    tf, tl = extract(backbone, Loader(train, batch_size=256, num_workers=workers,
+                                      collate_fn=collate_labelled), device)
+    vf, vl = extract(backbone, Loader(val, batch_size=256, num_workers=workers,
+                                      collate_fn=collate_labelled), device)
     return tf, tl, vf, vl, torch.tensor(len(train.classes))
+
+
+@torch.no_grad()
+def pooled_features(backbone: nn.Module, loader: DataLoader,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled features (not normalised) and labels of every readable image in ``loader``,
+    on the CPU, in eval mode; the unreadable ones named in one warning line."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels, bad = [], [], []
+    for images, targets, unreadable in loader:
+        bad += unreadable
+        if len(images):
+            feats.append(backbone(images.to(device)).float().cpu())
+            labels.append(targets)
+    backbone.train(was_training)
+    root = getattr(loader.dataset, "root", "the data folder")
+    if not feats:
+        raise UserError(f"{root}: none of its images could be read")
+    if bad:
+        print(f"warning: {root}: skipped {len(bad)} unreadable image(s): "
+              f"{describe_unreadable(bad)}", file=sys.stderr, flush=True)
+    return torch.cat(feats), torch.cat(labels)
 
 
 def knn_eval(backbone: nn.Module, train_dir: str, val_dir: str, image_size: int,
@@ -111,9 +147,11 @@ def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
 
 def linear_eval(backbone: nn.Module, train_dir: str, val_dir: str, image_size: int,
                 epochs: int = 100, lr: float = 0.1, use_bn: bool = True,
-                device: str = "cpu") -> dict[str, float]:
+                device: str = "cpu", normalize: bool = False) -> dict[str, float]:
+    """The fast probe: ``train_linear`` on features extracted once (``normalize``: L2-
+    normalised first, the probe's behaviour before it was a setting)."""
     tf, tl, vf, vl, n = labelled_features(backbone, train_dir, val_dir, image_size,
-                                          torch.device(device))
+                                          torch.device(device), normalize=normalize)
     return train_linear(tf, tl, vf, vl, int(n), epochs=epochs, lr=lr, use_bn=use_bn)
 
 

@@ -14,7 +14,10 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum whose per-tensor step is scaled by η‖w‖ / ‖∇w + λw‖.
 
     Parameter groups with ``lars_exclude=True`` (BN weights and biases) take plain SGD steps.
-    Weight decay λ applies to every group that sets it.
+    Weight decay λ applies to every group that sets it; the BYOL and EMAN recipes give the
+    excluded group λ = 0 (``train.build_optimizer``), as DeepMind's BYOL and EMAN's
+    ``collect_params`` do. The trust ratio is DeepMind's/optax's η‖w‖ / ‖∇w + λw‖ (EMAN's
+    ``utils/LARS.py`` divides by ‖∇w‖ + λ‖w‖ instead).
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9,

@@ -1,8 +1,10 @@
 """The student–teacher methods, chosen by name from one registry (SPEC §1.1–1.5).
 
 Every method shares the student (backbone → projector → predictor), the symmetric summed BYOL
-loss and the cosine EMA of the teacher's weights. They differ only in what the teacher is and
-how its BatchNorm gets statistics; each class overrides just that.
+loss and the cosine EMA of the teacher's weights. They differ in what the teacher is, how its
+BatchNorm gets statistics, and in the recipe their authors run them with: the teacher EMA's
+m0 and whether BN parameters and biases are weight-decayed. Each class overrides just that;
+docs/methods.md lists every choice with its source.
 """
 
 from __future__ import annotations
@@ -57,14 +59,18 @@ class StudentTeacher(nn.Module):
     """
 
     default_momentum = 0.996
+    #: Whether the method's authors weight-decay BN parameters and biases
+    #: (``optim.bn_bias_weight_decay: null`` takes this).
+    decays_bn_and_bias = True
     has_teacher_backbone = True
 
-    def __init__(self, cfg: Config, total_steps: int) -> None:
+    def __init__(self, cfg: Config, total_steps: int, epochs: int | None = None) -> None:
         super().__init__()
         m = cfg.model
         self.cfg = cfg
         self.total_steps = total_steps
-        self.base_momentum = m.base_momentum if m.base_momentum is not None else self.default_momentum
+        self.base_momentum = (m.base_momentum if m.base_momentum is not None
+                              else self.authors_momentum(cfg.train.epochs if epochs is None else epochs))
         self.residual_weight = m.residual_weight if m.residual else 0.0
         self.student = Student(m.arch, m.proj_hidden_dim, m.proj_dim, m.stem, m.width)
         self.teacher = self._make_teacher()
@@ -72,6 +78,12 @@ class StudentTeacher(nn.Module):
             p.requires_grad_(False)
 
     # ----- what varies between methods -----------------------------------------------------
+    @classmethod
+    def authors_momentum(cls, epochs: int) -> float:
+        """The teacher EMA's m0 the method's authors use for a run of ``epochs`` epochs (the
+        default of ``model.base_momentum``)."""
+        return cls.default_momentum
+
     def _make_teacher(self) -> nn.Module:
         m = self.cfg.model
         teacher = Encoder(m.arch, m.proj_hidden_dim, m.proj_dim, m.stem, m.width)
@@ -121,12 +133,24 @@ class StudentTeacher(nn.Module):
 
 @register("byol")
 class BYOL(StudentTeacher):
-    """BYOL: the teacher's BN uses each batch's statistics (ordinary train-mode BN)."""
+    """BYOL: the teacher's BN uses each batch's statistics (ordinary train-mode BN).
+
+    The BYOL recipe (Grill et al. 2020, Appendix A "Optimization"): BN parameters and biases
+    are excluded from weight decay and from LARS adaptation; τ_base = 0.996 for the 1000-epoch
+    headline, 0.99 for 300 epochs and fewer (DeepMind's ``byol/configs/byol.py``:
+    ``_EMA_PRESETS = {40: 0.97, 100: 0.99, 300: 0.99, 1000: 0.996}``; its 0.97 for 40 epochs
+    is not taken: ``model.base_momentum=0.97``). The online network is the result (SPEC §3).
+    """
 
     default_momentum = 0.996
+    decays_bn_and_bias = False
 
-    def __init__(self, cfg: Config, total_steps: int) -> None:
-        super().__init__(cfg, total_steps)
+    @classmethod
+    def authors_momentum(cls, epochs: int) -> float:
+        return 0.99 if epochs <= 300 else 0.996
+
+    def __init__(self, cfg: Config, total_steps: int, epochs: int | None = None) -> None:
+        super().__init__(cfg, total_steps, epochs)
         if cfg.model.sync_bn:
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
@@ -156,9 +180,16 @@ class EMAN(StudentTeacher):
 
     The running mean/var follow the same m_k as the weights; ``num_batches_tracked`` is copied.
     The teacher's BN therefore never normalises with batch statistics.
+
+    The authors' BYOL-EMAN recipe (Cai et al. 2021; README of
+    amazon-science/exponential-moving-average-normalization: ``main_byol.py --arch BYOLEMAN
+    --byol-m 0.98``, 200 epochs) starts the EMA at 0.98, and its ``collect_params`` excludes BN
+    parameters and biases from weight decay and LARS adaptation. The online network is the
+    result (SPEC §3).
     """
 
-    default_momentum = 0.996
+    default_momentum = 0.98
+    decays_bn_and_bias = False
 
     def bn_stat_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
         """Teacher and student running means/vars and counters, looked up now (buffers are
@@ -187,10 +218,18 @@ class EMAN(StudentTeacher):
 
 
 @register("projector_only")
-class ProjectorOnly(M2T):
-    """Projector-only momentum: the teacher is a momentum projector (momentum BN) applied to
-    the detached student backbone features; no teacher backbone pass. Exports the student."""
+class ProjectorOnly(StudentTeacher):
+    """Projector-only momentum (Pham et al. 2022): the teacher is a momentum projector, an EMA
+    of the student's, applied to the detached student backbone features; no teacher backbone
+    pass. Exports the student.
 
+    Its BN is ``model.projector_bn``: ``plain`` (the paper's: train-mode BN on the batch, as
+    BYOL's teacher) or ``momentum`` (Momentum² Teacher's momentum BN, this toolkit's variant).
+    m0 0.99 and the weight decay of every parameter are M2T's recipe; the paper's own values
+    are not verified (docs/methods.md).
+    """
+
+    default_momentum = 0.99
     has_teacher_backbone = False
 
     def _make_teacher(self) -> nn.Module:
@@ -199,8 +238,16 @@ class ProjectorOnly(M2T):
 
             raise UserError("model.residual needs a teacher backbone; projector_only has none")
         projector = copy.deepcopy(self.student.projector)
-        return nn.ModuleDict({"projector": convert_to_momentum_bn(
-            projector, self.total_steps, self.cfg.model.double_variance_correction)})
+        if self.cfg.model.projector_bn == "momentum":
+            projector = convert_to_momentum_bn(projector, self.total_steps,
+                                               self.cfg.model.double_variance_correction)
+        return nn.ModuleDict({"projector": projector})
+
+    def update_teacher(self, step: int) -> float:
+        """Commit the momentum BNs' step (``projector_bn: momentum``; nothing to do with plain
+        BN), then the weight EMA."""
+        commit_momentum_bn(self.teacher)
+        return super().update_teacher(step)
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return list(self.teacher.parameters()), list(self.student.projector.parameters())
@@ -213,17 +260,28 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def build_method(cfg: Config, total_steps: int) -> StudentTeacher:
+def build_method(cfg: Config, total_steps: int, epochs: int | None = None) -> StudentTeacher:
     """The method ``cfg.model.method`` names (a config that ``pretrain.config`` built names a
-    registered one)."""
+    registered one), for a run of ``total_steps`` steps and ``epochs`` epochs (by default
+    ``train.epochs``: the run length the method's default m0 is chosen by)."""
     from .errors import UserError
 
     key = cfg.model.method
     if cfg.model.sync_bn and key != "byol":
         raise UserError("model.sync_bn is a BYOL-baseline option; Momentum² Teacher and the other "
                         "methods use per-process statistics by design")
-    return METHODS[key](cfg, total_steps)
+    if cfg.model.projector_bn != "plain" and key != "projector_only":
+        raise UserError(f"model.projector_bn is the BN of projector_only's momentum projector; "
+                        f"method {key} has none (leave it at plain)")
+    return METHODS[key](cfg, total_steps, epochs)
+
+
+def decays_bn_and_bias(cfg: Config) -> bool:
+    """Whether BN parameters and biases are weight-decayed: ``optim.bn_bias_weight_decay``, or
+    when it is null what the method's authors do."""
+    chosen = cfg.optim.bn_bias_weight_decay
+    return METHODS[cfg.model.method].decays_bn_and_bias if chosen is None else chosen
 
 
 __all__ = ["METHODS", "StudentTeacher", "BYOL", "M2T", "EMAN", "ProjectorOnly", "build_method",
-           "method_names", "register"]
+           "decays_bn_and_bias", "method_names", "register"]

@@ -35,20 +35,27 @@ from .hooks import (
     TrainingError,
 )
 from .lars import LARS, split_bn_and_bias
-from .methods import StudentTeacher, build_method
+from .methods import StudentTeacher, build_method, decays_bn_and_bias
 from .rundir import CONFIG, check_fresh, check_out
 from .schedules import scaled_lr, warmup_cosine_lr
 
 
 def build_optimizer(cfg: Config, student: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD or LARS over the student. LARS never adapts the steps of BN parameters and biases;
+    whether they are weight-decayed is ``decays_bn_and_bias`` (byol and eman: not, as their
+    authors; m2t and projector_only: like every weight)."""
     o = cfg.optim
+    no_decay = {} if decays_bn_and_bias(cfg) else {"weight_decay": 0.0}
     if o.name == "lars":
         adapt, exclude = split_bn_and_bias(student)
-        groups = [{"params": adapt}, {"params": exclude, "lars_exclude": True}]
+        groups = [{"params": adapt}, {"params": exclude, "lars_exclude": True, **no_decay}]
         return LARS(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
                     trust_coefficient=o.lars_trust_coefficient)
-    return torch.optim.SGD(student.parameters(), lr=lr, momentum=o.momentum,
-                           weight_decay=o.weight_decay)
+    params: Any = student.parameters()
+    if no_decay:
+        decay, exclude = split_bn_and_bias(student)
+        params = [{"params": decay}, {"params": exclude, **no_decay}]
+    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 class Trainer:
@@ -104,7 +111,8 @@ class Trainer:
         """The method, its optimiser and loss scaler, restored from ``ckpt`` when resuming;
         ``self.student`` is what the step runs: DDP-wrapped and compiled as configured."""
         cfg = self.cfg
-        self.model: StudentTeacher = build_method(cfg, self.total_steps).to(self.device)
+        self.model: StudentTeacher = build_method(cfg, self.total_steps,
+                                                  self.epochs).to(self.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model.student, self.base_lr)

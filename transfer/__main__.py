@@ -203,13 +203,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``m2t-transfer``; returns the exit status."""
     quiet_libraries()
     args = build_parser().parse_args(argv)
+    import logging
+
+    from jobs.stop import Terminated, terminate_as_interrupt
+
     from .errors import TransferError
 
+    terminate_as_interrupt()  # SIGTERM stops the command as Ctrl-C does, not at once
+    # a log file on a full disk: no "--- Logging error ---" traceback per record (the write
+    # that matters, a checkpoint's or the results', fails in one line below)
+    logging.raiseExceptions = False
+    sys.unraisablehook = _unraisable  # nor a second report of it when the log closes at exit
     try:
         return _run(args)
     except TransferError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a folder gone: the environment, not a bug
+        where = err.filename or getattr(args, "output_dir", None)
+        print(f"error: {where + ': ' if where else ''}could not write ({err.strerror or err}); "
+              f"checkpoints and results already written are whole (each is replaced only once "
+              f"complete)", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("terminated (SIGTERM); the last checkpoint is intact", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+def _unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook`` that drops an ``OSError`` raised where Python cannot raise it
+    (Detectron2's log file, flushed at exit onto a full disk: the command already said so in
+    its one line); anything else goes to Python's own hook."""
+    if not isinstance(unraisable.exc_value, OSError):
+        sys.__unraisablehook__(unraisable)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ class DatasetSpec:
     #: [{"id": category id, "image_count": n}], used by the federated loss.
     class_image_count: list[dict[str, int]] = field(default_factory=list)
     num_images: int = 0
+    #: annotations in the JSON (None: not counted, VOC)
+    num_annotations: int | None = None
     #: whether every non-crowd annotation has a segmentation (needed by mask heads).
     has_masks: bool = False
     #: whether some non-crowd annotation's mask is RLE (needs ``INPUT.MASK_FORMAT bitmask``).
@@ -384,6 +386,13 @@ def _check_format(path: Path, data: dict[str, Any], kind: str) -> None:
             raise bad(f"annotations[{i}] needs 'iscrowd' 0 or 1 (COCO evaluation reads it)")
         if not is_box(ann["bbox"]):
             raise bad(f"annotations[{i}] has a bbox that is not [x, y, width, height]")
+        x, y, w, h = ann["bbox"]
+        height, width = sizes[ann["image_id"]]
+        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            # Detectron2 clips it to nothing and drops the object without a word
+            raise bad(f"annotations[{i}] has bbox {ann['bbox']}, entirely outside its "
+                      f"{width}×{height} image {ann['image_id']} (boxes are [x, y, width, "
+                      f"height] in pixels of the image as the JSON sizes it)")
         if "segmentation" in ann and not is_segmentation(ann["segmentation"]):
             raise bad(f"annotations[{i}] has a segmentation that is neither polygons nor RLE")
         seg = ann.get("segmentation")
@@ -544,6 +553,7 @@ def _describe(name: str, json_file: Path, images: Path, kind: str,
         id_map=id_map,
         class_image_count=counts,
         num_images=len(data["images"]),
+        num_annotations=len(data["annotations"]),
         has_masks=bool(data["annotations"]) and all(
             ann.get("segmentation") for ann in data["annotations"] if not ann.get("iscrowd")),
         has_rle_masks=any(isinstance(ann.get("segmentation"), dict)

@@ -126,6 +126,10 @@ def prepare(request: RunRequest) -> Job:
             spec.has_rle_masks for spec in train_specs):
         cfg.INPUT.MASK_FORMAT = "bitmask"  # Detectron2 reads RLE masks only as bitmasks
         logger.info("RLE masks in the training set: INPUT.MASK_FORMAT set to bitmask")
+    for spec in train_specs:
+        if spec.num_annotations == 0:  # (else: "no masks, use a box-only config")
+            raise TransferError(spec.json_file, "holds no annotations: there is nothing to "
+                                                "fine-tune on in it")
     if cfg.MODEL.MASK_ON:
         for spec in train_specs:
             if not spec.has_masks:

@@ -30,6 +30,7 @@ from . import (
 from ._private import cpu_ddp, scale_wide_grayscale_images
 from .errors import first_line
 from .evaluate import DetectionEvaluator
+from .weights import SafeCheckpointer
 
 scale_wide_grayscale_images()  # 16-bit grayscale PNGs as pretraining reads them, not white
 
@@ -84,6 +85,13 @@ class Trainer(DefaultTrainer):
                 "batches already trained on, so that the run goes on as if uninterrupted",
                 self.start_iter, self.cfg.SEED, skip)
         self.data_loader = ContinuedStream(self.data_loader, skip, rng)
+
+    def build_hooks(self) -> list[Any]:
+        """Detectron2's hooks, whose periodic checkpointer saves through
+        :class:`~transfer.weights.SafeCheckpointer` (atomic writes: a full disk leaves the
+        previous checkpoint, not a truncated one, and is one error line)."""
+        self.checkpointer = SafeCheckpointer.replacing(self.checkpointer)
+        return super().build_hooks()
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):

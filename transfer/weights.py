@@ -16,18 +16,21 @@ named, unless ``--unsafe-load`` (``unsafe_load=True``) says the file is trusted,
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from torch import nn
+
+from jobs.atomic import replace_file, write_text
 
 from ._private import HookedCheckpointer, PurePythonUnpickler
 from .errors import TransferError, first_line, refused_global, refused_pickle
@@ -120,6 +123,7 @@ class SafeCheckpointer(HookedCheckpointer):
     def __init__(self, *args: Any, unsafe_load: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.unsafe_load = unsafe_load
+        _one_line_failures()
 
     @classmethod
     def replacing(cls, other: DetectionCheckpointer, unsafe_load: bool = False
@@ -142,6 +146,47 @@ class SafeCheckpointer(HookedCheckpointer):
         data = {k: v for k, v in data.items() if not str(k).endswith("_momentum")}
         return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
+    def save(self, name: str, **kwargs: Any) -> None:
+        """fvcore's ``save`` (model, checkpointables and ``kwargs`` in ``NAME.pth``, then
+        ``last_checkpoint``), with both files written through :mod:`jobs.atomic`: a full disk
+        or a kill leaves the previous files as they were, never a truncated ``.pth``; a failed
+        write is one :class:`TransferError` naming the file."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {path}")
+        recorder: _WriteErrors | None = None
+
+        def write(f: IO[bytes]) -> None:
+            nonlocal recorder
+            recorder = _WriteErrors(f)
+            torch.save(data, recorder)  # type: ignore[arg-type]
+
+        try:
+            replace_file(path, write)
+        except (OSError, RuntimeError) as err:
+            # torch.save reports a failed write as a RuntimeError ("unexpected pos"): name the
+            # OSError behind it
+            cause = recorder.error if recorder is not None and recorder.error else err
+            reason = getattr(cause, "strerror", None) or first_line(cause, 200)
+            raise TransferError(path, f"could not save checkpoint ({reason}); the previous "
+                                      f"checkpoint is untouched") from None
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """fvcore's, through :mod:`jobs.atomic`."""
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        try:
+            write_text(path, last_filename_basename)
+        except OSError as err:
+            raise TransferError(path, f"could not write it ({err.strerror or err}); it still "
+                                      f"names the previous checkpoint") from None
+
     def read_torch_file(self, f: str) -> Any:
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
@@ -153,6 +198,45 @@ class SafeCheckpointer(HookedCheckpointer):
                 raise _refusal(f, refused) from None
         _warn_unsafe(f)
         return torch.load(f, map_location="cpu", weights_only=False)
+
+
+class _WriteErrors:
+    """A file wrapper that keeps the ``OSError`` a write raised (torch.save hides it)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class _OneLine(logging.Filter):
+    """A record of an exception the command reports in its own ``error:`` line (a failed
+    save, a full disk) keeps its message and the error's sentence, not the traceback:
+    Detectron2's loop logs every exception of a step with ``logger.exception`` before it
+    reaches the command, which printed it on the terminal too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (TransferError, OSError)):
+            record.msg = f"{record.getMessage()} {exc}"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
+def _one_line_failures() -> None:
+    """Install :class:`_OneLine` on the logger of Detectron2's training loop (once)."""
+    log = logging.getLogger("detectron2.engine.train_loop")
+    if not any(isinstance(f, _OneLine) for f in log.filters):
+        log.addFilter(_OneLine())
 
 
 @dataclass

@@ -4,6 +4,8 @@
 
 - :mod:`.folder`: the images of an ImageFolder-style directory, unreadable ones counted by
   path; :class:`~.folder.TwoViewDataset`, the PIL path's dataset.
+- :mod:`.samples`: the file list as two numpy buffers (paths, labels), so that DataLoader
+  workers share it instead of copying it page by page.
 - :mod:`.loader`: the resumable order of an epoch (sampler, DataLoader, steps per epoch).
 - :mod:`.views`: the PIL path's views, torchvision transforms on one image at a time
   (:class:`~.views.PilTwoViews`), and the evaluation transform.

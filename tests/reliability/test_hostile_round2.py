@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +28,7 @@ import torchvision
 from convert.__main__ import main as convert_main
 from transfer.__main__ import main as transfer_main
 
-from .conftest import error_line, make_coco_dataset
+from .conftest import ENV, REPO, TINY, error_line, make_coco_dataset
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "transfer"
 DEMO = CONFIGS / "demo_mask_rcnn_R_18_FPN_shapes.yaml"
@@ -151,7 +155,43 @@ def float_size_evaluate(folder, pkls):
     return _evaluate(folder, data), str(data)
 
 
+def no_annotations(folder, pkls):
+    """An export that kept the images but lost the objects: it was refused as lacking masks,
+    with the advice to use a box-only config (which would then have trained on nothing)."""
+    data = _dataset(folder, lambda d: d.update(annotations=[]))
+    test = _dataset(folder / "test")
+    return _train(folder, pkls["resnet18"], data, test), str(data)
+
+
+def boxes_outside_the_image(folder, pkls):
+    """Every box past its image (coordinates of another scale): Detectron2 clipped them to
+    nothing, dropped the objects and crashed in precise-BN with ZeroDivisionError."""
+    def edit(d):
+        for ann in d["annotations"]:
+            ann["bbox"] = [500, 500, 20, 20]
+            ann["segmentation"] = [[500, 500, 520, 500, 520, 520, 500, 520]]
+    data = _dataset(folder, edit)
+    return _train(folder, pkls["resnet18"], data), str(data)
+
+
+def _under_a_file(command: str):
+    """--output-dir below a regular file: a traceback from os.makedirs before."""
+    def make(folder, pkls):
+        data = _dataset(folder)
+        blocker = folder / "notes.txt"
+        blocker.write_text("a file, not a folder\n")
+        argv = (_train(folder, pkls["resnet18"], data) if command == "train"
+                else _evaluate(folder, data))
+        argv[argv.index("--output-dir") + 1] = str(blocker / "out")
+        return argv, str(blocker / "out")
+    return make
+
+
 CASES = {
+    "train: --output-dir under a file": Case(_under_a_file("train"), "Not a directory"),
+    "evaluate: --output-dir under a file": Case(_under_a_file("evaluate"), "Not a directory"),
+    "no annotations in the training set": Case(no_annotations, "holds no annotations"),
+    "boxes outside the image": Case(boxes_outside_the_image, "entirely outside"),
     "ResNet-34 weights, ResNet-18 config (train)": Case(deeper_weights, "have no place"),
     "ResNet-34 weights, ResNet-18 config (eval)": Case(deeper_weights_for_eval, "have no place"),
     "LVIS fields, no frequency (evaluate)": Case(lvis_without_frequency, "lacks 'frequency'"),
@@ -412,3 +452,183 @@ def test_every_stage_decodes_16_bit_images_as_pretraining_does(name: str, tmp_pa
     for got in (folder_image, bgr[..., ::-1]):
         assert got.dtype == np.uint8 and got.shape == reference.shape
         np.testing.assert_array_equal(got, reference)
+
+
+# ----- a full disk and SIGTERM: one line, nothing half-written ----------------------------------
+
+def _transfer_command(folder: Path, weights: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "transfer", *_train(folder, weights, data), "SOLVER.IMS_PER_BATCH",
+            "2", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+            "INPUT.MIN_SIZE_TEST", "64", *extra]
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """A child's file-size limit (``write()`` then fails with EFBIG, as on a full disk)."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def _no_traceback(proc: subprocess.CompletedProcess, ledger, where: str) -> None:
+    if "Traceback" in proc.stdout + proc.stderr:
+        ledger.traceback(where)
+    assert "Traceback" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+
+def _temporaries(run: Path) -> list[Path]:
+    return sorted(p for p in run.rglob(".*") if ".tmp" in p.name)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_fine_tuning_is_one_line_and_keeps_the_previous_checkpoint(
+        pkls, tmp_path: Path, ledger) -> None:
+    """38 tracebacks and a truncated model_final.pth before: now the checkpoint is written
+    through the atomic writer, the run stops with one line naming it, and the checkpoint of
+    an earlier run in the folder (resumed here) is byte-identical, with no temporary left."""
+    data = _dataset(tmp_path)
+    first = subprocess.run(_transfer_command(tmp_path, pkls["resnet18"], data,
+                                             "SOLVER.MAX_ITER", "1"),
+                           capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "run"
+    kept = {name: (run / name).read_bytes() for name in ("model_final.pth", "last_checkpoint",
+                                                          "results.json")}
+    # more than the logs and results, less than a checkpoint (~20 MB at width 64 ... 60 MB)
+    limit = (run / "model_final.pth").stat().st_size // 2
+    argv = _transfer_command(tmp_path, pkls["resnet18"], data, "SOLVER.MAX_ITER", "2")
+    argv.insert(argv.index("--output-dir"), "--resume")
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600,
+                          preexec_fn=_file_size_limit(limit))
+    ledger.fault("transfer: full disk while saving a checkpoint")
+    _no_traceback(proc, ledger, "transfer: full disk")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc.stderr, run / "model_final.pth")
+    assert "could not save checkpoint" in line and "File too large" in line, line
+    for name, content in kept.items():
+        if (run / name).read_bytes() != content:
+            ledger.checkpoint_lost(f"transfer full disk: {name}")
+        assert (run / name).read_bytes() == content, name
+    assert _temporaries(run) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_before_training_is_one_line(pkls, tmp_path: Path, ledger) -> None:
+    data = _dataset(tmp_path)
+    proc = subprocess.run(_transfer_command(tmp_path, pkls["resnet18"], data,
+                                            "SOLVER.MAX_ITER", "1"),
+                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600,
+                          preexec_fn=_file_size_limit(3000))
+    ledger.fault("transfer: full disk at start")
+    _no_traceback(proc, ledger, "transfer: full disk at start")
+    assert proc.returncode == 2
+    line = error_line(proc.stderr, tmp_path / "run")
+    assert "File too large" in line, line
+    assert not (tmp_path / "run" / "model_final.pth").exists()
+
+
+def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the run ended before the signal could be sent"
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_fine_tuning_like_ctrl_c(pkls, tmp_path: Path, ledger) -> None:
+    """SIGTERM (kill, scancel) mid-training: one line, status 143, no traceback, nothing
+    half-written; the checkpoint it had saved is whole and ``--resume`` takes it."""
+    data = _dataset(tmp_path)
+    run = tmp_path / "run"
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(_transfer_command(tmp_path, pkls["resnet18"], data,
+                                                  "SOLVER.MAX_ITER", "400",
+                                                  "SOLVER.CHECKPOINT_PERIOD", "2"),
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=ENV)
+    _wait_for(lambda: (run / "last_checkpoint").is_file(), proc, 300)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    ledger.fault("transfer: SIGTERM while training")
+    stderr = log.read_text()
+    if "Traceback" in stderr:
+        ledger.traceback("transfer: SIGTERM")
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "terminated (SIGTERM)" in stderr, stderr[-3000:]
+    assert _temporaries(run) == []
+    name = (run / "last_checkpoint").read_text().strip()
+    torch.load(run / name, map_location="cpu", weights_only=True)  # whole
+
+
+@pytest.mark.slow
+def test_sigterm_stops_pretraining_like_ctrl_c(tiny_train: Path, tmp_path: Path,
+                                               ledger) -> None:
+    """SIGTERM while a checkpoint is being written (it killed the run at once and left a
+    37-69 MB .last.pth.tmp-PID): the save is abandoned, its temporary removed, status 143 with
+    one line; last.pth is whole."""
+    from pretrain.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    log = tmp_path / "stderr.txt"
+    argv = [sys.executable, "-m", "pretrain", "train", "--data", str(tiny_train), "--out",
+            str(run), *TINY, "model.width=64", "train.steps=400", "train.save_every_steps=1"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=ENV)
+    _wait_for(lambda: (run / "last.pth").is_file() and bool(list(run.glob(".last.pth.tmp-*"))),
+              proc, 300)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    ledger.fault("pretrain: SIGTERM during a checkpoint save")
+    stderr = log.read_text()
+    if "Traceback" in stderr:
+        ledger.traceback("pretrain: SIGTERM")
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "terminated (SIGTERM)" in stderr, stderr[-3000:]
+    assert list(run.glob(".*.tmp-*")) == []
+    load_checkpoint(run / "last.pth")
+
+
+# ----- configs that YAML reads other than a person does ------------------------------------------
+
+YAML_VALUES = {
+    "train.nonfinite: no": ("train:\n  nonfinite: no\n", "as a boolean"),
+    "train.device: on": ("train:\n  device: on\n", "as a boolean"),
+    "data.batch_size: 1e2": ("data:\n  batch_size: 1e2\n", "write 100"),
+}
+
+
+@pytest.mark.parametrize("name", list(YAML_VALUES))
+def test_pretraining_says_how_yaml_read_a_value(name: str, tmp_path: Path, capsys,
+                                                ledger) -> None:
+    """``must be str, got False`` pointed the wrong way for a person who wrote ``no``."""
+    from pretrain.__main__ import main as pretrain_main
+
+    text, hint = YAML_VALUES[name]
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    ledger.bad_input("pretrain: YAML read otherwise")
+    assert pretrain_main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                          "--config", str(config)]) == 2
+    line = error_line(capsys.readouterr().err, config)
+    assert hint in line, line
+    assert not (tmp_path / "run").exists()
+
+
+# ----- evaluation rows say what data produced them ----------------------------------------------
+
+def test_a_knn_row_in_metrics_jsonl_names_its_data(started_run: Path, tiny_train: Path,
+                                                   tiny_val: Path, tmp_path: Path) -> None:
+    """A kNN row appended to a run's metrics.jsonl said only branch, step and accuracy: two
+    evaluations on different folders could not be told apart afterwards."""
+    from pretrain.__main__ import main as pretrain_main
+
+    from .conftest import copy_run
+
+    run = copy_run(started_run, tmp_path / "run")
+    assert pretrain_main(["knn", str(run), "--train", str(tiny_train), "--val", str(tiny_val),
+                          "--branch", "teacher", "--k", "5"]) == 0
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["eval"] == "knn" and row["branch"] == "teacher"
+    assert row["train"] == str(tiny_train.resolve()) and row["val"] == str(tiny_val.resolve())
+    assert row["k"] == 5 and row["image_size"] == 32 and "knn_top1" in row
