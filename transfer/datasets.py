@@ -19,6 +19,7 @@ COCO/LVIS format, every image listed is present) and returns a picklable
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,19 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json, load_lvis_json, register_pascal_voc
-from detectron2.data.datasets.lvis import get_lvis_instances_meta
-from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASSES
-from detectron2.data.datasets.pascal_voc import load_voc_instances
-
-from ._private import builtin_splits, coco_metadata
 from .errors import TransferError
 
-#: builtin name -> (image root, annotation JSON), relative to the dataset root.
-BUILTIN: dict[str, tuple[str, str]] = builtin_splits()
+
+@functools.cache
+def builtin_splits() -> dict[str, tuple[str, str]]:
+    """Detectron2's builtin COCO and LVIS datasets: name -> (image root, annotation JSON),
+    relative to the dataset root (read on first use: importing Detectron2's catalog takes
+    seconds, and scoring a results file against a JSON path needs none of it)."""
+    from ._private import builtin_splits as read
+
+    return read()
 
 
+@functools.cache
 def builtin_voc_splits() -> dict[str, tuple[str, str, int]]:
     """Detectron2's builtin Pascal VOC datasets: name -> (folder under the dataset root,
     split, year), e.g. ``voc_2007_test -> ("VOC2007", "test", 2007)``.
@@ -48,6 +50,8 @@ def builtin_voc_splits() -> dict[str, tuple[str, str, int]]:
     metadata with ``evaluator_type == "pascal_voc"``), whose folders are already joined to
     ``$DETECTRON2_DATASETS`` as it was then; ``--dataset-root`` may name another one.
     """
+    from detectron2.data import MetadataCatalog
+
     out = {}
     for name in MetadataCatalog.list():
         meta = MetadataCatalog.get(name)
@@ -56,8 +60,20 @@ def builtin_voc_splits() -> dict[str, tuple[str, str, int]]:
     return dict(sorted(out.items()))
 
 
-#: builtin VOC name -> (folder under the dataset root, split, year).
-VOC: dict[str, tuple[str, str, int]] = builtin_voc_splits()
+def voc_classes() -> tuple[str, ...]:
+    """The 20 Pascal VOC classes, in Detectron2's order."""
+    from detectron2.data.datasets.pascal_voc import CLASS_NAMES
+
+    return tuple(CLASS_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    """``BUILTIN``, ``VOC`` and ``VOC_CLASSES``, computed on first use (see
+    :func:`builtin_splits`)."""
+    lazy = {"BUILTIN": builtin_splits, "VOC": builtin_voc_splits, "VOC_CLASSES": voc_classes}
+    if name in lazy:
+        return lazy[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -133,9 +149,9 @@ def resolve_dataset(
         images = Path(image_root).expanduser() if image_root else _default_image_root(json_file,
                                                                                      kind)
         name = str(json_file.resolve())
-    elif spec in BUILTIN:
+    elif spec in builtin_splits():
         base = dataset_root(root)
-        rel_images, rel_json = BUILTIN[spec]
+        rel_images, rel_json = builtin_splits()[spec]
         json_file, images = _find_builtin(base, rel_json, rel_images)
         if not json_file.is_file():
             raise TransferError(json_file, f"annotation file of {spec} not found; builtin datasets "
@@ -146,11 +162,12 @@ def resolve_dataset(
         data = read_annotation_json(json_file)
         kind = "lvis" if spec.startswith("lvis") else "coco"
         name = spec
-    elif spec in VOC:
+    elif spec in builtin_voc_splits():
         return resolve_voc(spec, root, check_images)
     else:
         raise TransferError(spec, "unknown dataset; give the path of a COCO-format JSON or one "
-                                  "of: " + ", ".join(sorted(BUILTIN) + list(VOC)))
+                                  "of: " + ", ".join(sorted(builtin_splits())
+                                                     + list(builtin_voc_splits())))
     if image_root and not images.is_dir():
         raise TransferError(images, "image folder does not exist")
     _check_format(json_file, data, kind)
@@ -173,7 +190,7 @@ def resolve_voc(name: str, root: str | None = None, check_images: bool = True) -
     of one of the 20 VOC classes with ``difficult``, ``truncated``, ``pose`` and an integer
     ``bndbox``, image sizes as the XML says.
     """
-    folder, split, year = VOC[name]
+    folder, split, year = builtin_voc_splits()[name]
     base = dataset_root(root)
     dirname = base / folder
     image_list = dirname / "ImageSets" / "Main" / f"{split}.txt"
@@ -201,9 +218,9 @@ def resolve_voc(name: str, root: str | None = None, check_images: bool = True) -
         skipped = unreadable_images(image_list, data, jpegs, "coco")
     return DatasetSpec(
         name=name, json_file=str(image_list.resolve()), image_root=str(jpegs.resolve()),
-        kind="voc", thing_classes=list(VOC_CLASSES),
+        kind="voc", thing_classes=list(voc_classes()),
         class_image_count=[{"id": k + 1, "image_count": len(counts[c])}
-                           for k, c in enumerate(VOC_CLASSES)],
+                           for k, c in enumerate(voc_classes())],
         num_images=len(ids), skipped_images=tuple(str(p) for p in skipped),
         voc_dirname=str(dirname.resolve()), voc_split=split, voc_year=year)
 
@@ -228,9 +245,9 @@ def _read_voc_xml(path: Path) -> tuple[int, int, list[str]]:
     names = []
     for k, obj in enumerate(tree.findall("object")):
         cls = obj.findtext("name")
-        if cls not in VOC_CLASSES:
+        if cls not in voc_classes():
             raise TransferError(path, f"object {k} is a {cls!r}, not one of the 20 VOC classes: "
-                                      f"{', '.join(VOC_CLASSES)}")
+                                      f"{', '.join(voc_classes())}")
         try:
             int(obj.findtext("difficult"))
             int(obj.findtext("truncated"))
@@ -567,6 +584,13 @@ def register_dataset(spec: DatasetSpec) -> str:
     Builtin names are re-registered at the resolved location, keeping Detectron2's builtin
     metadata; path datasets get the metadata read from their JSON.
     """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_coco_json, load_lvis_json, register_pascal_voc
+    from detectron2.data.datasets.lvis import get_lvis_instances_meta
+    from detectron2.data.datasets.pascal_voc import load_voc_instances
+
+    from ._private import coco_metadata
+
     if spec.name in DatasetCatalog.list():
         DatasetCatalog.remove(spec.name)
     if spec.name in MetadataCatalog.list():
@@ -577,13 +601,13 @@ def register_dataset(spec: DatasetSpec) -> str:
         if spec.skipped_images:  # the same loader, less the unreadable images
             DatasetCatalog.remove(spec.name)
             DatasetCatalog.register(spec.name, lambda: _without(load_voc_instances(
-                spec.voc_dirname, spec.voc_split, VOC_CLASSES), spec.skipped_images))
+                spec.voc_dirname, spec.voc_split, voc_classes()), spec.skipped_images))
         MetadataCatalog.get(spec.name).set(evaluator_type="pascal_voc",
                                            class_image_count=spec.class_image_count)
     elif spec.kind == "lvis":
         # load_lvis_json joins "<root>" + "<split>" (string concatenation): keep the slash.
         lvis_root = image_root.rstrip(os.sep) + os.sep
-        if spec.name in BUILTIN:
+        if spec.name in builtin_splits():
             meta = get_lvis_instances_meta(spec.name)
             DatasetCatalog.register(spec.name, lambda: _without(
                 load_lvis_json(json_file, lvis_root, spec.name), spec.skipped_images))
@@ -595,7 +619,7 @@ def register_dataset(spec: DatasetSpec) -> str:
         MetadataCatalog.get(spec.name).set(json_file=json_file, image_root=lvis_root,
                                            evaluator_type="lvis", **meta)
     else:
-        if spec.name in BUILTIN:
+        if spec.name in builtin_splits():
             meta = coco_metadata()
         else:
             meta = {"thing_classes": spec.thing_classes,

@@ -29,7 +29,7 @@ from . import (
 )
 from ._private import cpu_ddp, scale_wide_grayscale_images
 from .errors import first_line
-from .evaluate import DetectionEvaluator
+from .evaluator import DetectionEvaluator
 from .weights import SafeCheckpointer
 
 scale_wide_grayscale_images()  # 16-bit grayscale PNGs as pretraining reads them, not white

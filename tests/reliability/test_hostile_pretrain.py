@@ -70,6 +70,8 @@ OUT_OF_RANGE: dict[str, list[object]] = {
     "train.knn_every_epochs": [0, -5],
     "train.knn_k": [0, -1],
     "train.knn_temperature": [0, -0.07],
+    "train.knn_chunk_mb": [0, -1],
+    "train.knn_bank_per_class": [-1],
 }
 
 #: Values at the edges that mean something and must still be accepted.
@@ -82,6 +84,7 @@ AT_THE_EDGE: dict[str, list[object]] = {
     "optim.momentum": [0.0], "optim.weight_decay": [0.0], "optim.warmup_epochs": [0],
     "optim.base_lr": [1e30], "train.save_every_steps": [0], "train.seed": [0, 2**63 - 1],
     "train.knn_temperature": [1e-3],
+    "train.knn_chunk_mb": [1], "train.knn_bank_per_class": [0, 1],
 }
 
 

@@ -361,7 +361,8 @@ def test_trainer_evaluator_returns_what_detectron2s_own_evaluator_returns(
     from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 
     from transfer.datasets import register_dataset, resolve_dataset
-    from transfer.evaluate import DETAILS_FILE, DetectionEvaluator
+    from transfer.evaluate import DETAILS_FILE
+    from transfer.evaluator import DetectionEvaluator
 
     json_file, kind = datasets[dataset]
     subset = _subset(json_file, tmp_path, images=8)
@@ -402,7 +403,7 @@ def test_trainer_evaluator_scores_a_model_that_detects_nothing_as_the_official_a
     """Detectron2's evaluators give NaN for everything here; the official evaluation gives
     AP 0 wherever there is ground truth, and so does ours, with either evaluator."""
     from transfer.datasets import register_dataset, resolve_dataset
-    from transfer.evaluate import DetectionEvaluator
+    from transfer.evaluator import DetectionEvaluator
 
     json_file, kind = datasets[dataset]
     subset = _subset(json_file, tmp_path, images=8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,26 @@ def test_help_and_evaluate_import_no_training_stack(capsys: pytest.CaptureFixtur
     help_text = capsys.readouterr().out
     for flag in ("--slurm", "--seeds", "--resume", "KEY VALUE"):  # added when used
         assert flag in help_text
+
+
+def test_scoring_a_results_file_imports_no_detectron2_nor_torch(tmp_path: Path) -> None:
+    """``m2t-transfer evaluate`` on a COCO-format file: the scoring libraries only."""
+    gt = {"images": [{"id": 1, "width": 64, "height": 48, "file_name": "a.jpg"}],
+          "categories": [{"id": 3, "name": "cat"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [4, 4, 20, 10],
+                           "area": 200, "iscrowd": 0}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "p.json").write_text(json.dumps(
+        [{"image_id": 1, "category_id": 3, "bbox": [4, 4, 20, 10], "score": 0.9}]))
+    code = (
+        "import sys\n"
+        "from transfer.__main__ import main\n"
+        f"assert main(['evaluate', '--dataset', {str(tmp_path / 'gt.json')!r}, "
+        f"'--predictions', {str(tmp_path / 'p.json')!r}]) == 0\n"
+        "heavy = ('torch', 'torchvision', 'detectron2', 'submitit', 'fvcore')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    assert "100.0" in proc.stdout  # the one box found: AP 100
