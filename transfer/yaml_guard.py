@@ -74,8 +74,8 @@ def _check_file(path: Path, unsafe_load: bool) -> Path | None:
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
-        raise TransferError(path, f"not valid YAML{at}: {getattr(err, 'problem', None) or err}") \
-            from None
+        what = " ".join(str(getattr(err, "problem", None) or err).split())  # one line
+        raise TransferError(path, f"not valid YAML{at}: {what}") from None
     if root is None:
         return None
     try:
