@@ -89,7 +89,8 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a container's stop, ``scancel`` or a preemption without ``--signal``)
     raised where SIGINT raises ``KeyboardInterrupt``: the command stops as after Ctrl-C (a
     save in progress is abandoned by the atomic writer, its temporary removed; the last
-    checkpoint is intact) instead of dying at once with no message."""
+    checkpoint is intact) instead of dying at once with no message. Raised with a message by
+    a stage that stopped at a step boundary with that step saved."""
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from jobs.options import add_job_options, given_options
 
@@ -252,11 +253,38 @@ def cmd_train(args: argparse.Namespace) -> int:
                       stop_after=args.stop_after, profile_steps=args.profile)
     if trainer.dist.main:
         print("resolved config:\n" + cfg.dump(), flush=True)
-    last = trainer.run()
+    last, term = _run_until_terminated(trainer)
+    if term:
+        if trainer.dist.main:
+            print(f"terminated (SIGTERM): stopped at step {trainer.step}/{trainer.total_steps}, "
+                  f"{last} saved; --resume continues", file=sys.stderr, flush=True)
+        _leave_process_group()
+        return 143
     if trainer.dist.main:
         print(f"checkpoint: {last}")
     _leave_process_group()
     return 0
+
+
+def _run_until_terminated(trainer: Any) -> tuple[Path, bool]:
+    """``trainer.run()``, with SIGTERM (``kill``, torchrun passing on a stop, a container's
+    stop) ending it at the next step boundary with last.pth saved, agreed by every rank;
+    outside the loop SIGTERM stops as Ctrl-C does. Returns the checkpoint and whether SIGTERM
+    ended the run early."""
+    import signal
+
+    from jobs.stop import StopRequest
+
+    from .hooks import StopHook
+
+    stop = StopRequest(signal.SIGTERM, in_loop=True).install()
+    stop.attach(trainer.dist.world_size)
+    trainer.register_hooks([StopHook(stop)])
+    try:
+        last = trainer.run()
+    finally:
+        stop.uninstall()
+    return last, stop.agreed and trainer.step < trainer.total_steps
 
 
 def _leave_process_group() -> None:
@@ -283,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{exc.strerror or exc}; the last checkpoint is intact",
               file=sys.stderr)
         return 2
-    except Terminated:
-        print("terminated (SIGTERM); the last checkpoint is intact", file=sys.stderr)
+    except Terminated as stopped:
+        print(str(stopped) or "terminated (SIGTERM); the last checkpoint is intact",
+              file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)

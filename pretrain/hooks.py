@@ -289,6 +289,19 @@ def bank_indices(targets: Sequence[int], per_class: int) -> Sequence[int]:
     return keep
 
 
+class StopHook(HookBase):
+    """After each step (as the trainer's last hook): the ranks agree on a signalled stop
+    (:class:`jobs.stop.StopRequest`: SIGTERM, or the preemption signal under SLURM), and the
+    trainer stops there, saving last.pth."""
+
+    def __init__(self, stop: Any) -> None:
+        self.stop = stop
+
+    def after_step(self) -> None:
+        if self.stop.check():
+            self.trainer.request_stop()
+
+
 class Profile(HookBase):
     """A Chrome/TensorBoard trace of ``steps`` steps (after 2 warm-up steps) in RUN/profile."""
 

@@ -40,7 +40,7 @@ from jobs.stop import StopRequest, preemption_signal
 
 from .config import Config, apply_overrides
 from .errors import UserError
-from .hooks import HookBase
+from .hooks import StopHook
 
 __all__ = ["JobOptions", "JobSpec", "PretrainJob", "StopHook", "StopRequest",
            "check_job_options", "job_device", "make_executor", "submit", "wait_for"]
@@ -91,18 +91,6 @@ class JobSpec:
     profile: int = 0
 
 
-class StopHook(HookBase):
-    """After each step (as the trainer's last hook): the ranks agree on a signalled stop, and
-    the trainer stops there (saving last.pth)."""
-
-    def __init__(self, stop: StopRequest) -> None:
-        self.stop = stop
-
-    def after_step(self) -> None:
-        if self.stop.check():
-            self.trainer.request_stop()
-
-
 def attach(stop: StopRequest, trainer: Any) -> None:
     """Check ``stop`` after each of ``trainer``'s steps."""
     stop.attach(trainer.dist.world_size)
@@ -119,16 +107,19 @@ class PretrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         # the whole run is the loop: a signal before the first step stops after it
         stop = StopRequest(preemption_signal(), in_loop=True).install()
+        # SIGTERM (scancel, a preemption without --signal; submitit only logs it): stop at the
+        # next step boundary with last.pth saved, and end the job with an error, no requeue
+        term = StopRequest(signal.SIGTERM, in_loop=True).install()
         # torchrun's variables; each task keeps every GPU of the node and takes LOCAL_RANK's
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                               overwrite=True)
         try:
-            return self._run(stop)
+            return self._run(stop, term)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise
 
-    def _run(self, stop: StopRequest) -> dict[str, Any]:
+    def _run(self, stop: StopRequest, term: StopRequest | None = None) -> dict[str, Any]:
         import torch.distributed as dist
 
         from .checkpoint import load_resume
@@ -140,6 +131,8 @@ class PretrainJob(submitit.helpers.Checkpointable):
         trainer = Trainer(cfg, spec.data, spec.out, val=spec.val, resume=ckpt,
                           stop_after=spec.stop_after, profile_steps=spec.profile)
         attach(stop, trainer)
+        if term is not None:
+            attach(term, trainer)
         if trainer.dist.main:
             print("resolved config:\n" + cfg.dump(), flush=True)
         start = trainer.step
@@ -148,6 +141,9 @@ class PretrainJob(submitit.helpers.Checkpointable):
                   "total_steps": trainer.total_steps, "checkpoint": str(last)}
         if dist.is_initialized():
             dist.destroy_process_group()
+        if term is not None and term.agreed and trainer.step < trainer.total_steps:
+            raise UserError(f"terminated (SIGTERM): stopped at step {trainer.step}/"
+                            f"{trainer.total_steps}, {last} saved; --resume continues")
         if stop.agreed and trainer.step < trainer.total_steps:
             if trainer.dist.main:
                 print(f"{signal.Signals(stop.signum).name} (time limit or preemption): stopped "

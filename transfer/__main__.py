@@ -225,8 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"checkpoints and results already written are whole (each is replaced only once "
               f"complete)", file=sys.stderr)
         return 2
-    except Terminated:
-        print("terminated (SIGTERM); the last checkpoint is intact", file=sys.stderr)
+    except Terminated as stopped:
+        print(str(stopped) or "terminated (SIGTERM); the last checkpoint is intact",
+              file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)

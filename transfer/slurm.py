@@ -169,6 +169,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
         quiet_libraries()  # as the command does: the libraries' warnings off the job's log
         # SIGUSR2, or what SUBMITIT_PREEMPT_SIGNAL names
         stop = StopRequest(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)).install()
+        # SIGTERM (scancel, a preemption without --signal; submitit only logs it): stop at the
+        # next iteration's end with it saved, and end the job with an error, no requeue
+        term = StopRequest(signal.SIGTERM).install()
         env = submitit.helpers.TorchDistributedEnvironment()
         cuda = self.job.cfg.MODEL.DEVICE.startswith("cuda")
         if env.world_size > 1:
@@ -182,12 +185,17 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 torch.cuda.set_device(env.local_rank)
             comm.synchronize()
         stop.attach(env.world_size)
+        term.attach(env.world_size)
         out = Path(self.job.cfg.OUTPUT_DIR)
         try:
-            run_job(self.job, hooks=[StopHook(stop)])
+            run_job(self.job, hooks=[StopHook(stop), StopHook(term)])
         except TrainingStopped as stopped:
+            last = (out / "last_checkpoint").read_text().strip()
+            if term.agreed:
+                raise TransferError(out / last, f"terminated (SIGTERM): stopped after iteration "
+                                    f"{stopped.args[0]} of {self.job.cfg.SOLVER.MAX_ITER}, "
+                                    f"saved; --resume continues") from None
             if env.rank == 0:
-                last = (out / "last_checkpoint").read_text().strip()
                 print(f"{signal.Signals(stop.signum).name} (time limit or preemption): stopped "
                       f"after iteration {stopped.args[0]} of {self.job.cfg.SOLVER.MAX_ITER}, "
                       f"{out / last} saved; requeuing with --resume", flush=True)

@@ -283,12 +283,37 @@ def run(request: RunRequest) -> dict[str, Any]:
         ..., ...}``); empty on machines other than rank 0.
     """
     job = prepare(request)
-    launch(run_job, request.num_gpus, num_machines=request.num_machines,
-           machine_rank=request.machine_rank, dist_url=request.dist_url, args=(job,))
+    if request.num_gpus * request.num_machines <= 1 and request.task == "train":
+        _train_here(job)  # one process: this one
+    else:
+        launch(run_job, request.num_gpus, num_machines=request.num_machines,
+               machine_rank=request.machine_rank, dist_url=request.dist_url, args=(job,))
     results = Path(job.cfg.OUTPUT_DIR) / "results.json"
     if request.machine_rank != 0 or not results.is_file():
         return {}
     return json.loads(results.read_text())
+
+
+def _train_here(job: Job) -> None:
+    """:func:`run_job` in this process, with SIGTERM (``kill``, a container's stop) ending the
+    training at the next iteration's end with a checkpoint saved, as a SLURM job's
+    preemption signal does (before the first iteration ends it stops as Ctrl-C does)."""
+    import signal
+
+    from jobs.stop import StopRequest, Terminated
+
+    from .slurm import StopHook, TrainingStopped
+
+    stop = StopRequest(signal.SIGTERM).install()
+    try:
+        run_job(job, hooks=[StopHook(stop)])
+    except TrainingStopped as stopped:
+        last = (Path(job.cfg.OUTPUT_DIR) / "last_checkpoint").read_text().strip()
+        raise Terminated(f"terminated (SIGTERM): stopped after iteration {stopped.args[0]} of "
+                         f"{job.cfg.SOLVER.MAX_ITER}, {Path(job.cfg.OUTPUT_DIR) / last} saved; "
+                         f"--resume continues") from None
+    finally:
+        stop.uninstall()
 
 
 def run_training(config: str, weights: str, **options: Any) -> dict[str, Any]:

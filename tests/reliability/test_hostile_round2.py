@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import signal
 import subprocess
@@ -559,6 +560,10 @@ def test_sigterm_stops_fine_tuning_like_ctrl_c(pkls, tmp_path: Path, ledger) -> 
     assert _temporaries(run) == []
     name = (run / "last_checkpoint").read_text().strip()
     torch.load(run / name, map_location="cpu", weights_only=True)  # whole
+    # after the first iteration it stops at an iteration's end, with that iteration saved
+    stopped = re.search(r"stopped after iteration (\d+) of 400", stderr)
+    assert stopped, stderr[-3000:]
+    assert name == f"model_{int(stopped.group(1)):07d}.pth"
 
 
 @pytest.mark.slow
@@ -586,7 +591,11 @@ def test_sigterm_stops_pretraining_like_ctrl_c(tiny_train: Path, tmp_path: Path,
     assert proc.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr and "terminated (SIGTERM)" in stderr, stderr[-3000:]
     assert list(run.glob(".*.tmp-*")) == []
-    load_checkpoint(run / "last.pth")
+    # in the loop it stops at the next step boundary, with that step saved (as SIGINT's
+    # contract: nothing trained is lost)
+    stopped = re.search(r"stopped at step (\d+)/400", stderr)
+    assert stopped, stderr[-3000:]
+    assert load_checkpoint(run / "last.pth")["step"] == int(stopped.group(1))
 
 
 # ----- configs that YAML reads other than a person does ------------------------------------------

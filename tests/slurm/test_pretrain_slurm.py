@@ -12,6 +12,7 @@ uninterrupted one (the other ranks resume with rank 0's statistics).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -123,6 +124,36 @@ def test_a_two_task_job_preempted_mid_run_requeues_and_ends_as_torchrun_does(
     assert (f"job {job_id} finished: step 8/8, this attempt resumed at step {step}; "
             f"checkpoint: {run / 'last.pth'}\n") in out
     assert_same_weights(run / "last.pth", torchrun_last())
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_job_at_a_step_boundary_with_the_step_saved_and_no_requeue(
+        tiny_train: Path, tmp_path: Path, capsys) -> None:
+    """scancel, or a preemption without --signal, sends SIGTERM (submitit only logs it): the
+    ranks agree to stop after one step, save it, and the job ends with an error, not requeued."""
+    from pretrain.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    done: dict[str, int] = {}
+    waiter = threading.Thread(target=lambda: done.setdefault("rc", main(
+        ["train", "--data", str(tiny_train), "--out", str(run),
+         *[o for o in TINY if not o.startswith("train.steps=")], "train.steps=400", *LOCAL_JOB,
+         "--wait"])))
+    waiter.start()
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert waiter.is_alive() and time.monotonic() < deadline, capsys.readouterr()
+        time.sleep(0.05)
+    job_id = next((run / "slurm").glob("*_submitted.pkl")).name.split("_")[0]
+    os.kill(task_pids(int(job_id))[1], signal.SIGTERM)
+    waiter.join(timeout=300)
+    out, err = capsys.readouterr()
+    assert done.get("rc") not in (None, 0), out + err
+    text = (run / "slurm" / f"{job_id}_0_log.err").read_text()
+    stopped = re.search(r"terminated \(SIGTERM\): stopped at step (\d+)/400", text)
+    assert stopped, text[-3000:]
+    assert load_checkpoint(run / "last.pth")["step"] == int(stopped.group(1)) < 400
+    assert "requeu" not in (run / "slurm" / f"{job_id}_0_log.out").read_text()
 
 
 def test_a_signal_stops_the_trainer_after_the_step_it_came_in(tiny_train: Path,

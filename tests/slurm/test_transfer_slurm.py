@@ -174,6 +174,35 @@ def test_a_preempted_job_saves_requeues_and_ends_as_if_uninterrupted(
     _assert_same_run(run, direct)
 
 
+def test_sigterm_ends_a_job_at_an_iterations_end_saved_and_not_requeued(
+        data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """scancel, or a preemption without --signal, sends SIGTERM (submitit only logs it): the
+    job stops after an iteration with it saved, and fails with one error line, no requeue."""
+    run = tmp_path / "run"
+    tiny = [*TINY[:TINY.index("SOLVER.MAX_ITER") + 1], "400",
+            *TINY[TINY.index("SOLVER.MAX_ITER") + 2:]]
+    assert _run(_train(data, run, *LOCAL_JOB, *tiny, "SEED", "0")) == 0  # returns at once
+    job = int(re.search(r"submitted job (\d+)", capsys.readouterr().out).group(1))
+    deadline = time.monotonic() + 300
+    try:
+        while not (run / "model_0000001.pth").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (task,) = _children(job)
+        os.kill(task, signal.SIGTERM)
+        result = run / "slurm" / f"{job}_0_result.pkl"
+        while not result.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        _wait_for_exit(job, deadline + 30)
+    err = (run / "slurm" / f"{job}_0_log.err").read_text()
+    stopped = re.search(r"terminated \(SIGTERM\): stopped after iteration (\d+) of 400", err)
+    assert stopped, err[-3000:]
+    name = (run / "last_checkpoint").read_text().strip()
+    assert name == f"model_{int(stopped.group(1)):07d}.pth"
+    log = (run / "slurm" / f"{job}_0_log.out").read_text()
+    assert "requeuing" not in log and len(re.findall("Starting training", log)) == 1
+
+
 def test_a_two_seed_sweep_writes_both_runs_and_their_report_and_a_rerun_skips_them(
         data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sweep"
