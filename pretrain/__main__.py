@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--val", required=True, help="labelled ImageFolder to score")
         e.add_argument("--branch", choices=("teacher", "student", "both"),
                        default="both" if name == "knn" else None,
-                       help="default: both (linear --protocol standard: teacher, the "
-                            "backbone the authors evaluate)")
+                       help="default: both (linear --protocol standard: the branch the "
+                            "method's authors evaluate: teacher for m2t, student for byol, "
+                            "eman and projector_only)")
         e.add_argument("--arch", default="resnet18", help="architecture for 'random'")
         e.add_argument("--image-size", type=int, help="default: the run's data.image_size")
         e.add_argument("--device", default="cpu" if name == "knn" else None,
@@ -199,6 +200,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluated_branch(run: str) -> str:
+    """The branch the run's method's authors evaluate (``pretrain.checkpoint.evaluated_branch``):
+    the teacher for m2t, the online network for BYOL and EMAN."""
+    from .checkpoint import evaluated_branch, load_checkpoint
+    from .evaluate import checkpoint_path
+
+    return evaluated_branch(load_checkpoint(checkpoint_path(run))["config"])
+
+
 def cmd_linear_standard(args: argparse.Namespace) -> int:
     """``linear --protocol standard`` (pretrain/linear.py): here (under torchrun: on every
     rank), or submitted with ``--slurm``."""
@@ -207,7 +217,7 @@ def cmd_linear_standard(args: argparse.Namespace) -> int:
     if args.normalize:
         raise UserError("--normalize: only with --protocol probe (the standard protocol feeds "
                         "the head the backbone's features as they are)")
-    branch = args.branch or "teacher"
+    branch = args.branch or (_evaluated_branch(args.run) if args.run != "random" else "teacher")
     branches = (["random"] if args.run == "random"
                 else ["teacher", "student"] if branch == "both" else [branch])
     outs = linear.out_dirs(args.run, branches, args.out)

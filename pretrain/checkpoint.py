@@ -31,6 +31,23 @@ VERSION = 1
 PATHS = PathManager()
 
 
+#: The branch each method's authors evaluate and transfer (SPEC §3): what ``train.export_branch:
+#: auto`` means, for ``m2t-convert`` and for ``m2t-pretrain linear --protocol standard``
+#: (``convert/layouts.py::OUR_METHODS`` holds the same, with the reasons; a test keeps the two
+#: equal, since convert reads checkpoints without importing pretrain).
+EVALUATED_BRANCH = {"m2t": "teacher", "byol": "student", "eman": "student",
+                    "projector_only": "student"}
+
+
+def evaluated_branch(config: dict[str, Any]) -> str:
+    """The branch a run's own evaluation takes: its ``train.export_branch`` when it names one,
+    else (``auto``) its method's, the teacher for a method not in the table."""
+    explicit = config.get("train", {}).get("export_branch", "auto")
+    if explicit in ("teacher", "student"):
+        return explicit
+    return EVALUATED_BRANCH.get(config.get("model", {}).get("method", ""), "teacher")
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Serialise ``obj`` to ``path`` so that a reader sees the old file or the new, never half.
 

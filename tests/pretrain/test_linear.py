@@ -275,3 +275,30 @@ def test_normalize_is_refused_by_the_standard_protocol(tiny_train: Path, tiny_va
     assert main(["linear", "random", "--train", str(tiny_train), "--val", str(tiny_val),
                  *STANDARD, "--normalize", "--out", str(tmp_path / "x")]) == 2
     assert "--normalize: only with --protocol probe" in capsys.readouterr().err
+
+
+def test_the_standard_protocol_takes_the_branch_each_methods_authors_evaluate() -> None:
+    from convert.layouts import OUR_METHODS
+    from pretrain.checkpoint import EVALUATED_BRANCH, evaluated_branch
+    from pretrain.methods import METHODS
+
+    # one rule for the converter and the linear evaluation (SPEC §3), for every method we have
+    assert {m: OUR_METHODS[m][0] for m in METHODS} == {m: EVALUATED_BRANCH[m] for m in METHODS}
+    assert evaluated_branch({"model": {"method": "byol"}, "train": {"export_branch": "auto"}}) \
+        == "student"
+    assert evaluated_branch({"model": {"method": "m2t"}, "train": {"export_branch": "auto"}}) \
+        == "teacher"
+    # an explicit choice in the run's config wins
+    assert evaluated_branch({"model": {"method": "byol"},
+                             "train": {"export_branch": "teacher"}}) == "teacher"
+
+
+def test_a_byol_run_is_evaluated_on_its_online_network(tiny_train: Path, tiny_val: Path,
+                                                       tmp_path: Path) -> None:
+    run = tmp_path / "byol"
+    assert main(["train", "--data", str(tiny_train), "--out", str(run), *TINY,
+                 "model.method=byol", "train.steps=1"]) == 0
+    assert main(["linear", str(run), "--train", str(tiny_train), "--val", str(tiny_val),
+                 *STANDARD, "--epochs", "1", "--stop-after", "1"]) == 0
+    assert (run / "linear_student" / "last.pth").is_file()
+    assert not (run / "linear_teacher").exists()
