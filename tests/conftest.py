@@ -108,7 +108,8 @@ def drop_logging_handlers_added_by_the_test():
 #: The longest test files (``--durations`` of a full run), started first, longest first: with
 #: ``make test``'s workers taking a file at a time, a long file started late would keep one
 #: worker busy while the others sit idle.
-LONGEST_FIRST = ("test_gpu_check.py", "test_demo.py", "test_distributed_resume.py",
+LONGEST_FIRST = ("test_eval_scale.py", "test_gpu_check.py", "test_demo.py", "test_knn_scale.py",
+                 "test_distributed_resume.py",
                  "test_pretrain_faults.py", "test_pretrain_slurm.py",
                  "test_distributed_restart.py", "test_transfer_resume.py",
                  "test_transfer_slurm.py", "test_hostile_transfer.py", "test_method_matrix.py")

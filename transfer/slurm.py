@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from detectron2.engine import HookBase
 
 from jobs import JobError
 from jobs import executor as jobs_executor
@@ -48,6 +47,7 @@ from jobs.options import JobOptions
 from jobs.stop import StopRequest
 
 from .errors import TransferError
+from .stopping import StopHook, TrainingStopped
 
 __all__ = ["JobOptions", "StopHook", "StopRequest", "TrainingJob", "TrainingStopped",
            "add_job_options", "announce", "announce_array", "check_job_options", "for_the_job",
@@ -117,33 +117,6 @@ def for_the_job(job: Any) -> Any:
 
 
 # ----- in the job -------------------------------------------------------------------------
-class TrainingStopped(BaseException):
-    """Raised by :class:`StopHook` to leave Detectron2's training loop after a saved
-    iteration (a BaseException: Detectron2 logs every ``Exception`` as a failure)."""
-
-
-class StopHook(HookBase):
-    """After each iteration: stop (all ranks) if the signal came, with a checkpoint saved."""
-
-    def __init__(self, stop: StopRequest) -> None:
-        self.stop = stop
-
-    def after_step(self) -> None:
-        trainer = self.trainer
-        it = trainer.iter
-        final = it + 1 >= trainer.max_iter
-        if self.stop.check():
-            self.stop.in_loop = False
-            name = f"model_{it:07d}"
-            last = Path(trainer.checkpointer.get_checkpoint_file() or "").stem
-            # at the final iteration Detectron2 saved model_final just before, and at one of
-            # SOLVER.CHECKPOINT_PERIOD this very checkpoint
-            if not final and last != name:
-                trainer.checkpointer.save(name, iteration=it)
-            raise TrainingStopped(it)
-        self.stop.in_loop = not final  # from the end of a session's first iteration
-
-
 class TrainingJob(submitit.helpers.Checkpointable):
     """The job's callable, one call per task; returns the run's results on rank 0.
 

@@ -302,7 +302,7 @@ def _train_here(job: Job) -> None:
 
     from jobs.stop import StopRequest, Terminated
 
-    from .slurm import StopHook, TrainingStopped
+    from .stopping import StopHook, TrainingStopped
 
     stop = StopRequest(signal.SIGTERM).install()
     try:

@@ -35,6 +35,8 @@ from typing import Any
 
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASSES
 
+from jobs.atomic import write_text
+
 #: VOC class name -> COCO class name (the classes named alike are left out).
 VOC_TO_COCO = {"aeroplane": "airplane", "diningtable": "dining table",
                "motorbike": "motorcycle", "pottedplant": "potted plant", "sofa": "couch",
@@ -119,10 +121,10 @@ def _write_split(coco: dict[str, Any], image_dir: Path, ids: Sequence[int],
         link = devkit / "JPEGImages" / f"{stem}.jpg"
         if not link.exists():
             os.symlink((image_dir / img["file_name"]).resolve(), link)
-        (devkit / "Annotations" / f"{stem}.xml").write_text(
-            annotation_xml(stem, img["width"], img["height"], boxes[i]))
+        write_text(devkit / "Annotations" / f"{stem}.xml",
+                   annotation_xml(stem, img["width"], img["height"], boxes[i]))
         stems.append(stem)
-    (devkit / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
+    write_text(devkit / "ImageSets" / "Main" / f"{split}.txt", "\n".join(stems) + "\n")
     return stems
 
 

@@ -2,9 +2,9 @@
 run it (ImageNet's 1.28M images, LVIS v1's 20,000 validation images × 300 detections, 1,203
 categories) on synthetic inputs, with a memory bound asserted.
 
-Each measurement runs in a child process, so that its peak resident memory (ru_maxrss) is its
-own and not the test session's. The tier is marked ``scale``; ``make test`` runs it too (it fits
-the suite's time; ``make test-fast`` leaves it out).
+Each measurement runs in a child process, so that its peak resident memory (VmHWM, reset when
+the work starts) is its own and not the test session's. The tier is marked ``scale``; ``make test`` runs it too (it fits
+the suite's time; ``pytest -m 'not scale'`` leaves it out).
 """
 
 from __future__ import annotations
@@ -27,21 +27,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def measure(code: str, timeout: int = 900) -> dict:
-    """Run ``code`` in a fresh interpreter (one torch thread); it must print one JSON object as
-    its last line. Returns that object with ``peak_mib`` (the child's peak RSS) and
-    ``base_mib`` (the peak RSS of the same interpreter after its imports, before the work)."""
+    """Run ``code`` in a fresh interpreter (one torch thread); it must call ``base()`` before
+    the work and ``done(**result)`` after it. Returns ``result`` with ``base_mib`` (the
+    resident memory at ``base()``) and ``peak_mib`` (the peak resident memory since then)."""
     prologue = textwrap.dedent("""
-        import json, resource, sys, time
+        import json, sys, time
         import torch
         torch.set_num_threads(1)
-        def _rss_mib():
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        def _status_mib(key):
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
         BASE_MIB = None
         def base():
+            # the peak from here on: getrusage's ru_maxrss would also count the memory of the
+            # process this one was forked from (Linux keeps it across exec), so read VmHWM,
+            # reset to the current size by clear_refs 5
             global BASE_MIB
-            BASE_MIB = _rss_mib()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            BASE_MIB = _status_mib("VmRSS")
         def done(**result):
-            print(json.dumps({**result, "base_mib": BASE_MIB, "peak_mib": _rss_mib()}))
+            print(json.dumps({**result, "base_mib": BASE_MIB, "peak_mib": _status_mib("VmHWM")}))
         """)
     proc = subprocess.run([sys.executable, "-c", prologue + textwrap.dedent(code)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout,
