@@ -27,48 +27,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from jobs.ranges import INT64, Range
+
 from .errors import UserError
-
-INT64 = 2**63  # numbers torch keeps in 64 bits (seeds, sizes, step counts) stay below this
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric setting may take: finite, between ``low`` and ``high``.
-
-    A bound is left out with ``None``; ``low_open``/``high_open`` exclude the bound itself.
-    ``why`` is said when a value falls outside. Integers always fit in 64 bits.
-    """
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    why: str = ""
-
-    def __contains__(self, value: float) -> bool:
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        if isinstance(value, int) and not -INT64 <= value < INT64:
-            return False
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def __str__(self) -> str:
-        low, high = _number(self.low), _number(self.high)
-        if self.low is not None and self.high is not None:
-            return (f"in {'(' if self.low_open else '['}{low}, {high}"
-                    f"{')' if self.high_open else ']'}")
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {low}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {high}"
-        return "a finite number"
-
-
-def _number(bound: float | None) -> str:
-    return "2**63" if bound == INT64 else f"{bound:g}" if isinstance(bound, float) else str(bound)
 
 
 def setting(default: Any, ge: float | None = None, gt: float | None = None,
