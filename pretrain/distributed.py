@@ -2,19 +2,24 @@
 
 ``check_device`` refuses, before anything starts, a device this machine does not have;
 ``start_process`` then joins the process group torchrun describes (if any) and takes this
-process's device. ``Trainer`` calls each once.
+process's device. ``Trainer`` calls each once. ``check_same_listing`` refuses a run whose
+ranks listed a folder differently (each rank lists it itself).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch.distributed.rendezvous import rendezvous
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .data.samples import Samples
 
 
 @dataclass
@@ -93,3 +98,29 @@ def resolve_device(name: str, d: Dist) -> torch.device:
         torch.cuda.set_device(d.local_rank)
         return torch.device("cuda", d.local_rank)
     return torch.device("cpu")
+
+
+def check_same_listing(samples: Samples, folder: object, device: torch.device) -> None:
+    """Refuse, on every rank at once, a listing of ``folder`` that differs between the ranks.
+
+    Each rank lists the folder itself (about 6 s for ImageNet), so a file system still
+    syncing, or a node given another folder of the same name, would give ranks different
+    lists. ``DistributedSampler`` shards by index: every rank would then train on a shard of
+    its own list, some images twice and others never, without any error. The ranks all-gather
+    (count, fingerprint) pairs: two int64 per rank. A no-op without a process group.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = torch.tensor([len(samples), samples.fingerprint()], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    pairs = [tuple(int(v) for v in t.tolist()) for t in every]
+    if len(set(pairs)) == 1:
+        return
+    odd = next(r for r, pair in enumerate(pairs) if pair != pairs[0])
+    same_count = pairs[odd][0] == pairs[0][0]
+    raise UserError(f"{folder}: the processes listed different files (rank 0: {pairs[0][0]:,} "
+                    f"images, rank {odd}: {pairs[odd][0]:,}"
+                    f"{', the same count but other files or classes' if same_count else ''}); "
+                    f"every process must see the same folder (a file system still syncing, "
+                    f"or another folder at this path on some node?)")

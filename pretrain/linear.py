@@ -63,7 +63,7 @@ from .data.folder import (
 )
 from .data.loader import Loader, ResumableDistributedSampler
 from .data.views import IMAGENET_MEAN, IMAGENET_STD
-from .distributed import Dist
+from .distributed import Dist, check_same_listing
 from .errors import UserError, first_line
 from .hooks import RunLog
 from .rundir import CONFIG, check_fresh
@@ -246,6 +246,8 @@ class LinearEval:
         train = image_folder(train_dir, train_transform(recipe.image_size), "--train")
         val = image_folder(val_dir, val_transform(recipe.image_size), "--val")
         check_same_classes(train.classes, val.classes, train_dir, val_dir)
+        check_same_listing(train.samples, train_dir, device)
+        check_same_listing(val.samples, val_dir, device)
         self.train_dir, self.classes = train_dir, len(train.classes)
         self.train_set = SeededImages(train, recipe.seed)
         self.val_set = val

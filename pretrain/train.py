@@ -21,7 +21,7 @@ from .data.feed import Feed
 from .data.folder import TwoViewDataset
 from .data.loader import steps_per_epoch, total_steps_for
 from .data.views import PilTwoViews
-from .distributed import check_device, start_process
+from .distributed import check_device, check_same_listing, start_process
 from .errors import UserError
 from .hooks import (
     MIN_READABLE,
@@ -86,6 +86,7 @@ class Trainer:
         self.dataset = TwoViewDataset(data, PilTwoViews(cfg.data.image_size, cfg.data.min_scale,
                                                         (cfg.data.view1_blur, cfg.data.view2_blur)),
                                       seed=cfg.train.seed)
+        check_same_listing(self.dataset.folder.samples, data, self.device)
         self.feed = Feed(cfg, self.dataset, self.device, self.dist.main)
         self.per_epoch = steps_per_epoch(self.feed.num_images, cfg.data.batch_size,
                                          self.dist.world_size)
@@ -95,6 +96,8 @@ class Trainer:
         knn = (KnnMonitor(self.dataset.folder, data, val, cfg.data.image_size,
                           cfg.train.knn_bank_per_class)
                if val is not None else None)  # --val checked now, before the model is built
+        if knn is not None:
+            check_same_listing(knn.val_set.samples, val, self.device)
         self.total_steps, self.epochs = total_steps_for(cfg.train.epochs, cfg.train.steps,
                                                         self.per_epoch)
         self.total_batch = cfg.data.batch_size * self.dist.world_size
