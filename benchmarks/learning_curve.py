@@ -135,8 +135,12 @@ def last_gap(run_dir: Path) -> float | None:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
-    gaps = [json.loads(x)["gap"] for x in path.read_text().splitlines() if '"gap"' in x]
-    return gaps[-1] if gaps else None
+    gap = None
+    with open(path, encoding="utf-8") as lines:  # line by line: a long run's file is large
+        for line in lines:
+            if '"gap"' in line:
+                gap = json.loads(line)["gap"]
+    return gap
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

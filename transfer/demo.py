@@ -200,11 +200,15 @@ def pretrain_facts(run: Path, log: Path) -> dict:
 
     header = _PRETRAIN_HEADER.search(log.read_text())
     config = yaml.safe_load((run / "config.yaml").read_text())
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
-    losses = [r for r in records if "loss" in r]
+    first = last = None
+    with open(run / "metrics.jsonl", encoding="utf-8") as lines:  # line by line: any length
+        for line in lines:
+            if '"loss"' in line:
+                record = json.loads(line)
+                if "loss" in record:
+                    first, last = first or record, record
     return {"header": header.groupdict() if header else None, "config": config,
-            "first": losses[0] if losses else None, "last": losses[-1] if losses else None}
+            "first": first, "last": last}
 
 
 def convert_facts(log: Path) -> dict:
