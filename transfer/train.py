@@ -15,6 +15,7 @@ output directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -285,6 +286,8 @@ def run(request: RunRequest) -> dict[str, Any]:
     job = prepare(request)
     if request.num_gpus * request.num_machines <= 1 and request.task == "train":
         _train_here(job)  # one process: this one
+    elif request.task == "train":
+        _train_launched(job, request)
     else:
         launch(run_job, request.num_gpus, num_machines=request.num_machines,
                machine_rank=request.machine_rank, dist_url=request.dist_url, args=(job,))
@@ -308,12 +311,101 @@ def _train_here(job: Job) -> None:
     try:
         run_job(job, hooks=[StopHook(stop)])
     except TrainingStopped as stopped:
-        last = (Path(job.cfg.OUTPUT_DIR) / "last_checkpoint").read_text().strip()
-        raise Terminated(f"terminated (SIGTERM): stopped after iteration {stopped.args[0]} of "
-                         f"{job.cfg.SOLVER.MAX_ITER}, {Path(job.cfg.OUTPUT_DIR) / last} saved; "
-                         f"--resume continues") from None
+        raise Terminated(_stopped_message(job, stopped.args[0])) from None
     finally:
         stop.uninstall()
+
+
+def _stopped_message(job: Job, iteration: int | str) -> str:
+    out = Path(job.cfg.OUTPUT_DIR)
+    last = (out / "last_checkpoint").read_text().strip()
+    return (f"terminated (SIGTERM): stopped after iteration {iteration} of "
+            f"{job.cfg.SOLVER.MAX_ITER}, {out / last} saved; --resume continues")
+
+
+class _ForwardSigterm:
+    """The launching process's SIGTERM handler: note it and pass it on to the worker processes
+    (``kill`` and a container's stop signal only this process), which stop at an iteration's
+    end (:func:`_stoppable_worker`)."""
+
+    def __init__(self) -> None:
+        self.got = False
+
+    def install(self) -> _ForwardSigterm:
+        import signal
+
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import multiprocessing
+        import os
+
+        self.got = True
+        for child in multiprocessing.active_children():
+            if child.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signum)
+
+
+def _stoppable_worker(job: Job) -> None:
+    """:func:`run_job` in a worker of Detectron2's ``launch``: SIGTERM (passed on by the
+    launching process) stops every rank after the same iteration, with it saved (the ranks
+    agree after each iteration, as a SLURM job's do); before the first iteration ends it
+    stops the worker as Ctrl-C does."""
+    import signal
+
+    from jobs.stop import StopRequest, terminate_as_interrupt
+
+    from .stopping import StopHook, TrainingStopped
+
+    terminate_as_interrupt()  # what StopRequest calls outside the training loop
+    term = StopRequest(signal.SIGTERM).install()
+    term.attach(comm.get_world_size())
+    try:
+        run_job(job, hooks=[StopHook(term)])
+    except TrainingStopped as stopped:
+        if comm.is_main_process():  # for the launching process's message
+            from jobs.atomic import write_text
+
+            write_text(Path(job.cfg.OUTPUT_DIR) / _STOPPED, str(stopped.args[0]))
+    finally:
+        term.uninstall()
+
+
+#: What rank 0 of a launched training leaves in the output folder when SIGTERM stopped it:
+#: the last iteration trained. Read and removed by the launching process.
+_STOPPED = ".stopped_by_sigterm"
+
+
+def _train_launched(job: Job, request: RunRequest) -> None:
+    """Train in the worker processes Detectron2's ``launch`` starts, with SIGTERM to this
+    process stopping them at an iteration's end, that iteration saved, as :func:`_train_here`
+    does in one process (``Terminated`` with the message; exit 143)."""
+    from jobs.stop import Terminated
+
+    marker = Path(job.cfg.OUTPUT_DIR) / _STOPPED
+    marker.unlink(missing_ok=True)
+    forward = _ForwardSigterm().install()
+    try:
+        launch(_stoppable_worker, request.num_gpus, num_machines=request.num_machines,
+               machine_rank=request.machine_rank, dist_url=request.dist_url, args=(job,))
+    except Exception:  # a worker died of the signal (before its first iteration ended)
+        if forward.got:
+            raise Terminated("terminated (SIGTERM) before the first iteration ended: nothing "
+                             "of this session was saved") from None
+        raise
+    finally:
+        forward.uninstall()
+    if marker.is_file():
+        iteration = marker.read_text().strip()
+        marker.unlink()
+        raise Terminated(_stopped_message(job, iteration))
 
 
 def run_training(config: str, weights: str, **options: Any) -> dict[str, Any]:

@@ -567,6 +567,49 @@ def test_sigterm_stops_fine_tuning_like_ctrl_c(pkls, tmp_path: Path, ledger) -> 
 
 
 @pytest.mark.slow
+def test_sigterm_stops_a_two_process_fine_tuning_at_an_iterations_end(pkls, tmp_path: Path,
+                                                                       ledger) -> None:
+    """``--num-gpus 2`` (Detectron2's launch; gloo here): SIGTERM to the launching process
+    reaches both workers, which agree on an iteration, save it and stop; the launcher exits
+    143 with the single-process line. Before, the workers died with the launcher (or went on
+    training after it had exited)."""
+    data = _dataset(tmp_path)
+    run = tmp_path / "run"
+    log = tmp_path / "stderr.txt"
+    argv = _transfer_command(tmp_path, pkls["resnet18"], data, "SOLVER.MAX_ITER", "400",
+                             "SOLVER.CHECKPOINT_PERIOD", "2")
+    argv.insert(argv.index("--output-dir"), "--num-gpus")
+    argv.insert(argv.index("--output-dir"), "2")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+                                env={**ENV, "OMP_NUM_THREADS": "1"})
+    _wait_for(lambda: (run / "last_checkpoint").is_file(), proc, 300)
+    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+               .split()]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    ledger.fault("transfer: SIGTERM while training in two processes")
+    stderr = log.read_text()
+    if "Traceback" in stderr:
+        ledger.traceback("transfer: SIGTERM, two processes")
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    stopped = re.search(r"terminated \(SIGTERM\): stopped after iteration (\d+) of 400, (\S+) "
+                        r"saved; --resume continues", stderr)
+    assert stopped, stderr[-3000:]
+    name = (run / "last_checkpoint").read_text().strip()
+    assert name == f"model_{int(stopped.group(1)):07d}.pth"
+    assert stopped.group(2) == str(run / name)
+    assert torch.load(run / name, map_location="cpu", weights_only=True)["iteration"] == int(
+        stopped.group(1))
+    assert _temporaries(run) == [] and not list(run.glob(".stopped*"))
+    assert not (run / "results.json").exists()
+    for pid in workers:  # both workers ended with the launcher
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text(
+        ).split()[2], pid
+
+
+@pytest.mark.slow
 def test_sigterm_stops_pretraining_like_ctrl_c(tiny_train: Path, tmp_path: Path,
                                                ledger) -> None:
     """SIGTERM while a checkpoint is being written (it killed the run at once and left a
