@@ -81,3 +81,23 @@ def test_without_a_process_group_it_checks_nothing() -> None:
     assert not dist.is_initialized()
     check_same_listing(Samples(LISTING), "/data/train", torch.device("cpu"))
 
+
+
+def test_the_trainer_compares_the_listings_of_data_and_val(tiny_train: Path, tiny_val: Path,
+                                                           tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """Pretraining compares what it lists: ``--data`` (the training set) and ``--val`` (the
+    kNN monitor's queries), each with the list the run trains or scores on."""
+    import pretrain.train
+    from pretrain.config import load_config
+
+    from .conftest import TINY
+
+    compared: list[tuple[int, str]] = []
+    monkeypatch.setattr(pretrain.train, "check_same_listing",
+                        lambda samples, folder, device: compared.append((len(samples),
+                                                                         str(folder))))
+    trainer = pretrain.train.Trainer(load_config(None, [*TINY, "train.device=cpu"]),
+                                     tiny_train, tmp_path / "run", val=str(tiny_val))
+    assert compared == [(len(trainer.dataset), str(tiny_train)),
+                        (len(trainer.hooks[-1].val_set), str(tiny_val))]
