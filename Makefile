@@ -36,7 +36,7 @@ gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --assets gpu_assets --profile
 
 lint: $(STAMP)
-	$(BIN)/ruff check pretrain convert transfer tests tools benchmarks
+	$(BIN)/ruff check jobs pretrain convert transfer tests tools benchmarks
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -12,7 +12,7 @@ requeues at once.
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import Any, Self
 
 
 def preemption_signal() -> int:
@@ -22,7 +22,25 @@ def preemption_signal() -> int:
     return getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
 
 
-class StopRequest:
+class _Handler:
+    """A handler of signal ``signum`` (``_handle``) that keeps the one it replaces."""
+
+    signum: int
+    previous: Any = None
+
+    def install(self) -> Self:
+        self.previous = signal.signal(self.signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Put the handler it replaced back."""
+        signal.signal(self.signum, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        raise NotImplementedError
+
+
+class StopRequest(_Handler):
     """A stop asked for by a signal, on any rank.
 
     ``in_loop``: while true, the handler notes the signal for :meth:`check`; while false, it
@@ -34,17 +52,8 @@ class StopRequest:
         self.in_loop = in_loop
         self.asked = False
         self.agreed = False
-        self.previous: Any = None
         self._world_size = 1
         self._group: Any = None
-
-    def install(self) -> StopRequest:
-        self.previous = signal.signal(self.signum, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        """Put the handler it replaced back."""
-        signal.signal(self.signum, self.previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.in_loop:
@@ -83,6 +92,28 @@ class StopRequest:
         if callable(self.previous):
             self.previous(self.signum, None)
             raise SystemExit(0)
+
+
+class ForwardToWorkers(_Handler):
+    """Pass signal ``signum`` on to this process's worker processes (those ``multiprocessing``
+    started: Detectron2's ``launch`` spawns its ranks so) and note it in ``got``. ``kill`` and
+    a container's stop signal only the process they name; its workers then stop as they do
+    on the signal (:class:`StopRequest`)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.got = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import contextlib
+        import multiprocessing
+        import os
+
+        self.got = True
+        for child in multiprocessing.active_children():
+            if child.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signum)
 
 
 class Terminated(KeyboardInterrupt):

@@ -15,7 +15,6 @@ output directory.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -323,36 +322,6 @@ def _stopped_message(job: Job, iteration: int | str) -> str:
             f"{job.cfg.SOLVER.MAX_ITER}, {out / last} saved; --resume continues")
 
 
-class _ForwardSigterm:
-    """The launching process's SIGTERM handler: note it and pass it on to the worker processes
-    (``kill`` and a container's stop signal only this process), which stop at an iteration's
-    end (:func:`_stoppable_worker`)."""
-
-    def __init__(self) -> None:
-        self.got = False
-
-    def install(self) -> _ForwardSigterm:
-        import signal
-
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        import signal
-
-        signal.signal(signal.SIGTERM, self.previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        import multiprocessing
-        import os
-
-        self.got = True
-        for child in multiprocessing.active_children():
-            if child.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signum)
-
-
 def _stoppable_worker(job: Job) -> None:
     """:func:`run_job` in a worker of Detectron2's ``launch``: SIGTERM (passed on by the
     launching process) stops every rank after the same iteration, with it saved (the ranks
@@ -387,11 +356,13 @@ def _train_launched(job: Job, request: RunRequest) -> None:
     """Train in the worker processes Detectron2's ``launch`` starts, with SIGTERM to this
     process stopping them at an iteration's end, that iteration saved, as :func:`_train_here`
     does in one process (``Terminated`` with the message; exit 143)."""
-    from jobs.stop import Terminated
+    import signal
+
+    from jobs.stop import ForwardToWorkers, Terminated
 
     marker = Path(job.cfg.OUTPUT_DIR) / _STOPPED
     marker.unlink(missing_ok=True)
-    forward = _ForwardSigterm().install()
+    forward = ForwardToWorkers(signal.SIGTERM).install()
     try:
         launch(_stoppable_worker, request.num_gpus, num_machines=request.num_machines,
                machine_rank=request.machine_rank, dist_url=request.dist_url, args=(job,))

@@ -536,27 +536,40 @@ def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: fl
         time.sleep(0.01)
 
 
+def _sigterm_fine_tuning(pkls, folder: Path, ledger, what: str,
+                         *options: str) -> tuple[str, list[int]]:
+    """Start a 400-iteration fine-tuning (``options`` before ``--output-dir``), SIGTERM it once
+    its first checkpoint is there, and return its stderr and the pids of its child processes
+    then; it ended with status 143 and no traceback."""
+    argv = _transfer_command(folder, pkls["resnet18"], _dataset(folder), "SOLVER.MAX_ITER",
+                             "400", "SOLVER.CHECKPOINT_PERIOD", "2")
+    at = argv.index("--output-dir")
+    argv[at:at] = options
+    log = folder / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+                                env={**ENV, "OMP_NUM_THREADS": "1"})
+    _wait_for(lambda: (folder / "run" / "last_checkpoint").is_file(), proc, 300)
+    children = [int(p) for p in
+                Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    ledger.fault(f"{what} while training")
+    stderr = log.read_text()
+    if "Traceback" in stderr:
+        ledger.traceback(what)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return stderr, children
+
+
 @pytest.mark.slow
 def test_sigterm_stops_fine_tuning_like_ctrl_c(pkls, tmp_path: Path, ledger) -> None:
     """SIGTERM (kill, scancel) mid-training: one line, status 143, no traceback, nothing
     half-written; the checkpoint it had saved is whole and ``--resume`` takes it."""
-    data = _dataset(tmp_path)
     run = tmp_path / "run"
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(_transfer_command(tmp_path, pkls["resnet18"], data,
-                                                  "SOLVER.MAX_ITER", "400",
-                                                  "SOLVER.CHECKPOINT_PERIOD", "2"),
-                                stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=ENV)
-    _wait_for(lambda: (run / "last_checkpoint").is_file(), proc, 300)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    ledger.fault("transfer: SIGTERM while training")
-    stderr = log.read_text()
-    if "Traceback" in stderr:
-        ledger.traceback("transfer: SIGTERM")
-    assert proc.returncode == 143, stderr[-3000:]
-    assert "Traceback" not in stderr and "terminated (SIGTERM)" in stderr, stderr[-3000:]
+    stderr, _ = _sigterm_fine_tuning(pkls, tmp_path, ledger, "transfer: SIGTERM")
+    assert "terminated (SIGTERM)" in stderr, stderr[-3000:]
     assert _temporaries(run) == []
     name = (run / "last_checkpoint").read_text().strip()
     torch.load(run / name, map_location="cpu", weights_only=True)  # whole
@@ -573,27 +586,9 @@ def test_sigterm_stops_a_two_process_fine_tuning_at_an_iterations_end(pkls, tmp_
     reaches both workers, which agree on an iteration, save it and stop; the launcher exits
     143 with the single-process line. Before, the workers died with the launcher (or went on
     training after it had exited)."""
-    data = _dataset(tmp_path)
     run = tmp_path / "run"
-    log = tmp_path / "stderr.txt"
-    argv = _transfer_command(tmp_path, pkls["resnet18"], data, "SOLVER.MAX_ITER", "400",
-                             "SOLVER.CHECKPOINT_PERIOD", "2")
-    argv.insert(argv.index("--output-dir"), "--num-gpus")
-    argv.insert(argv.index("--output-dir"), "2")
-    with open(log, "w") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
-                                env={**ENV, "OMP_NUM_THREADS": "1"})
-    _wait_for(lambda: (run / "last_checkpoint").is_file(), proc, 300)
-    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
-               .split()]
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    ledger.fault("transfer: SIGTERM while training in two processes")
-    stderr = log.read_text()
-    if "Traceback" in stderr:
-        ledger.traceback("transfer: SIGTERM, two processes")
-    assert proc.returncode == 143, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
+    stderr, workers = _sigterm_fine_tuning(pkls, tmp_path, ledger,
+                                           "transfer: SIGTERM, two processes", "--num-gpus", "2")
     stopped = re.search(r"terminated \(SIGTERM\): stopped after iteration (\d+) of 400, (\S+) "
                         r"saved; --resume continues", stderr)
     assert stopped, stderr[-3000:]
