@@ -285,11 +285,10 @@ def run(request: RunRequest) -> dict[str, Any]:
     job = prepare(request)
     if request.num_gpus * request.num_machines <= 1 and request.task == "train":
         _train_here(job)  # one process: this one
-    elif request.task == "train":
-        _train_launched(job, request)
+    elif request.num_gpus * request.num_machines <= 1:
+        run_job(job)  # an evaluation in this process
     else:
-        launch(run_job, request.num_gpus, num_machines=request.num_machines,
-               machine_rank=request.machine_rank, dist_url=request.dist_url, args=(job,))
+        _launched(job, request)
     results = Path(job.cfg.OUTPUT_DIR) / "results.json"
     if request.machine_rank != 0 or not results.is_file():
         return {}
@@ -352,10 +351,11 @@ def _stoppable_worker(job: Job) -> None:
 _STOPPED = ".stopped_by_sigterm"
 
 
-def _train_launched(job: Job, request: RunRequest) -> None:
-    """Train in the worker processes Detectron2's ``launch`` starts, with SIGTERM to this
-    process stopping them at an iteration's end, that iteration saved, as :func:`_train_here`
-    does in one process (``Terminated`` with the message; exit 143)."""
+def _launched(job: Job, request: RunRequest) -> None:
+    """Train (or evaluate) in the worker processes Detectron2's ``launch`` starts, SIGTERM to
+    this process passed on to them: a training stops at an iteration's end with it saved, as
+    :func:`_train_here` does in one process (``Terminated`` with its message; exit 143);
+    outside the training loop, and in an evaluation, the workers stop as on Ctrl-C."""
     import signal
 
     from jobs.stop import ForwardToWorkers, Terminated
@@ -364,12 +364,12 @@ def _train_launched(job: Job, request: RunRequest) -> None:
     marker.unlink(missing_ok=True)
     forward = ForwardToWorkers(signal.SIGTERM).install()
     try:
-        launch(_stoppable_worker, request.num_gpus, num_machines=request.num_machines,
-               machine_rank=request.machine_rank, dist_url=request.dist_url, args=(job,))
-    except Exception:  # a worker died of the signal (before its first iteration ended)
+        launch(_stoppable_worker if job.task == "train" else run_job, request.num_gpus,
+               num_machines=request.num_machines, machine_rank=request.machine_rank,
+               dist_url=request.dist_url, args=(job,))
+    except Exception:  # a worker died of the signal (outside the training loop)
         if forward.got:
-            raise Terminated("terminated (SIGTERM) before the first iteration ended: nothing "
-                             "of this session was saved") from None
+            raise Terminated() from None
         raise
     finally:
         forward.uninstall()
@@ -377,6 +377,8 @@ def _train_launched(job: Job, request: RunRequest) -> None:
         iteration = marker.read_text().strip()
         marker.unlink()
         raise Terminated(_stopped_message(job, iteration))
+    if forward.got:  # torch's spawn ends a worker stopped as on Ctrl-C with status 0
+        raise Terminated()
 
 
 def run_training(config: str, weights: str, **options: Any) -> dict[str, Any]:

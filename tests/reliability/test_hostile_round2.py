@@ -10,6 +10,7 @@ exit status 2, nothing else on stderr, and every file that existed before byte-i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -599,9 +600,53 @@ def test_sigterm_stops_a_two_process_fine_tuning_at_an_iterations_end(pkls, tmp_
         stopped.group(1))
     assert _temporaries(run) == [] and not list(run.glob(".stopped*"))
     assert not (run / "results.json").exists()
-    for pid in workers:  # both workers ended with the launcher
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text(
-        ).split()[2], pid
+    _assert_ended(workers)
+
+
+def _assert_ended(pids: list[int]) -> None:
+    """Each process has exited (gone, or a zombie not yet reaped)."""
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", pid
+
+
+@pytest.mark.slow
+def test_sigterm_before_two_workers_train_stops_them_as_ctrl_c(pkls, tmp_path: Path,
+                                                               ledger) -> None:
+    """SIGTERM as soon as the two workers exist (starting up, building the model): both stop
+    as on Ctrl-C, the launcher exits 143 with the standard line, nothing is left running."""
+    argv = _transfer_command(tmp_path, pkls["resnet18"], _dataset(tmp_path), "SOLVER.MAX_ITER",
+                             "400", "SOLVER.CHECKPOINT_PERIOD", "2")
+    at = argv.index("--output-dir")
+    argv[at:at] = ["--num-gpus", "2"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+                                env={**ENV, "OMP_NUM_THREADS": "1"})
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+
+    def workers() -> list[int]:  # the spawned workers (not multiprocessing's resource tracker)
+        found = []
+        for pid in children.read_text().split():
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+        return found
+
+    _wait_for(lambda: len(workers()) == 2, proc, 120)
+    started = workers()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    ledger.fault("transfer: SIGTERM while two workers start")
+    stderr = log.read_text()
+    if "Traceback" in stderr:
+        ledger.traceback("transfer: SIGTERM while two workers start")
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.rstrip().endswith("terminated (SIGTERM); the last checkpoint is intact"), (
+        stderr[-3000:])
+    assert not (tmp_path / "run" / "results.json").exists()
+    _assert_ended(started)
 
 
 @pytest.mark.slow
