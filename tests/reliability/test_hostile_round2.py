@@ -537,11 +537,22 @@ def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: fl
         time.sleep(0.01)
 
 
-def _sigterm_fine_tuning(pkls, folder: Path, ledger, what: str,
-                         *options: str) -> tuple[str, list[int]]:
+def _workers(pid: int) -> list[int]:
+    """The worker processes ``multiprocessing`` spawned from ``pid`` (not its resource
+    tracker)."""
+    found = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+    return found
+
+
+def _sigterm_fine_tuning(pkls, folder: Path, ledger, what: str, *options: str,
+                         ready: Callable[[int], bool] | None = None) -> tuple[str, list[int]]:
     """Start a 400-iteration fine-tuning (``options`` before ``--output-dir``), SIGTERM it once
-    its first checkpoint is there, and return its stderr and the pids of its child processes
-    then; it ended with status 143 and no traceback."""
+    ``ready(pid)`` (default: its first checkpoint is there), and return its stderr and the pids
+    of its child processes then; it ended with status 143 and no traceback."""
     argv = _transfer_command(folder, pkls["resnet18"], _dataset(folder), "SOLVER.MAX_ITER",
                              "400", "SOLVER.CHECKPOINT_PERIOD", "2")
     at = argv.index("--output-dir")
@@ -550,12 +561,15 @@ def _sigterm_fine_tuning(pkls, folder: Path, ledger, what: str,
     with open(log, "w") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
                                 env={**ENV, "OMP_NUM_THREADS": "1"})
-    _wait_for(lambda: (folder / "run" / "last_checkpoint").is_file(), proc, 300)
+    if ready is None:
+        _wait_for(lambda: (folder / "run" / "last_checkpoint").is_file(), proc, 300)
+    else:
+        _wait_for(lambda: ready(proc.pid), proc, 120)
     children = [int(p) for p in
                 Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
-    ledger.fault(f"{what} while training")
+    ledger.fault(what)
     stderr = log.read_text()
     if "Traceback" in stderr:
         ledger.traceback(what)
@@ -569,7 +583,7 @@ def test_sigterm_stops_fine_tuning_like_ctrl_c(pkls, tmp_path: Path, ledger) -> 
     """SIGTERM (kill, scancel) mid-training: one line, status 143, no traceback, nothing
     half-written; the checkpoint it had saved is whole and ``--resume`` takes it."""
     run = tmp_path / "run"
-    stderr, _ = _sigterm_fine_tuning(pkls, tmp_path, ledger, "transfer: SIGTERM")
+    stderr, _ = _sigterm_fine_tuning(pkls, tmp_path, ledger, "transfer: SIGTERM while training")
     assert "terminated (SIGTERM)" in stderr, stderr[-3000:]
     assert _temporaries(run) == []
     name = (run / "last_checkpoint").read_text().strip()
@@ -585,11 +599,12 @@ def test_sigterm_stops_a_two_process_fine_tuning_at_an_iterations_end(pkls, tmp_
                                                                        ledger) -> None:
     """``--num-gpus 2`` (Detectron2's launch; gloo here): SIGTERM to the launching process
     reaches both workers, which agree on an iteration, save it and stop; the launcher exits
-    143 with the single-process line. Before, the workers died with the launcher (or went on
-    training after it had exited)."""
+    143 with the single-process line. Before, the workers went on training after the
+    launcher's SIGTERM, and the command had not ended 120 s later."""
     run = tmp_path / "run"
     stderr, workers = _sigterm_fine_tuning(pkls, tmp_path, ledger,
-                                           "transfer: SIGTERM, two processes", "--num-gpus", "2")
+                                           "transfer: SIGTERM while training in two processes",
+                                           "--num-gpus", "2")
     stopped = re.search(r"terminated \(SIGTERM\): stopped after iteration (\d+) of 400, (\S+) "
                         r"saved; --resume continues", stderr)
     assert stopped, stderr[-3000:]
@@ -615,38 +630,14 @@ def test_sigterm_before_two_workers_train_stops_them_as_ctrl_c(pkls, tmp_path: P
                                                                ledger) -> None:
     """SIGTERM as soon as the two workers exist (starting up, building the model): both stop
     as on Ctrl-C, the launcher exits 143 with the standard line, nothing is left running."""
-    argv = _transfer_command(tmp_path, pkls["resnet18"], _dataset(tmp_path), "SOLVER.MAX_ITER",
-                             "400", "SOLVER.CHECKPOINT_PERIOD", "2")
-    at = argv.index("--output-dir")
-    argv[at:at] = ["--num-gpus", "2"]
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
-                                env={**ENV, "OMP_NUM_THREADS": "1"})
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-
-    def workers() -> list[int]:  # the spawned workers (not multiprocessing's resource tracker)
-        found = []
-        for pid in children.read_text().split():
-            with contextlib.suppress(OSError):
-                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(int(pid))
-        return found
-
-    _wait_for(lambda: len(workers()) == 2, proc, 120)
-    started = workers()
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    ledger.fault("transfer: SIGTERM while two workers start")
-    stderr = log.read_text()
-    if "Traceback" in stderr:
-        ledger.traceback("transfer: SIGTERM while two workers start")
-    assert proc.returncode == 143, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
+    stderr, children = _sigterm_fine_tuning(pkls, tmp_path, ledger,
+                                            "transfer: SIGTERM while two workers start",
+                                            "--num-gpus", "2",
+                                            ready=lambda pid: len(_workers(pid)) == 2)
     assert stderr.rstrip().endswith("terminated (SIGTERM); the last checkpoint is intact"), (
         stderr[-3000:])
     assert not (tmp_path / "run" / "results.json").exists()
-    _assert_ended(started)
+    _assert_ended(children)
 
 
 @pytest.mark.slow
