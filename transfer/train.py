@@ -360,8 +360,11 @@ def _launched(job: Job, request: RunRequest) -> None:
 
     from jobs.stop import ForwardToWorkers, Terminated
 
-    marker = Path(job.cfg.OUTPUT_DIR) / _STOPPED
-    marker.unlink(missing_ok=True)
+    # rank 0 writes the marker, so machine 0's launcher reads it (the other machines', on a
+    # shared output folder, leave it alone and stop on the signal they got, if any)
+    marker = Path(job.cfg.OUTPUT_DIR) / _STOPPED if request.machine_rank == 0 else None
+    if marker is not None:
+        marker.unlink(missing_ok=True)
     forward = ForwardToWorkers(signal.SIGTERM).install()
     try:
         launch(_stoppable_worker if job.task == "train" else run_job, request.num_gpus,
@@ -373,7 +376,7 @@ def _launched(job: Job, request: RunRequest) -> None:
         raise
     finally:
         forward.uninstall()
-    if marker.is_file():
+    if marker is not None and marker.is_file():
         iteration = marker.read_text().strip()
         marker.unlink()
         raise Terminated(_stopped_message(job, iteration))

@@ -78,3 +78,25 @@ def test_a_worker_reading_a_whole_epoch_does_not_copy_the_buffer(epochs: dict[st
     # the tuples are copied page by page into the worker as their reference counts change:
     # the whole list ends up private to it (each of 8-10 workers per GPU)
     assert tuples["worker_last_mib"] - tuples["worker_first_mib"] > 150, tuples
+
+
+FINGERPRINT = """
+    from pretrain.data.samples import Samples
+    N = {n}
+    samples = Samples((f"/datasets/imagenet/train/n{{k % 1000:08d}}/n{{k % 1000:08d}}_{{k}}.JPEG",
+                       k % 1000) for k in range(N))
+    base()
+    t = time.perf_counter()
+    first = samples.fingerprint()
+    seconds = time.perf_counter() - t
+    samples.targets[N // 2] += 1  # one label in the middle of the list
+    done(seconds=seconds, same=first == samples.fingerprint())
+    """
+
+
+def test_the_listing_fingerprint_reads_the_buffers_in_place() -> None:
+    """The ranks' listing check (``check_same_listing``) on ImageNet's list: no copy of the
+    list on the way (the hash reads the buffers), and one changed label in 1.28M is seen."""
+    result = measure(FINGERPRINT.format(n=IMAGENET))
+    assert result["peak_mib"] - result["base_mib"] < 8, result
+    assert result["same"] is False
